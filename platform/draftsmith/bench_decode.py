@@ -1,0 +1,283 @@
+"""`draftsmith bench decode`: this engine (autoregressive and speculative) against transformers.
+
+Decodes the same prompts, one path after another for each prompt (so machine drift hits every path
+alike), with: this engine at gamma 0; this engine at gamma; transformers `generate()`; transformers
+assisted generation with the same drafter and constant gamma; and assisted generation with its
+default schedule. Cost ratios come from micro-measurements of single forward steps. The last stdout
+line is one JSON object (field list in the issue and the README).
+
+Not here: serving (pipelines/bench_serve.py) or distillation (pipelines/bench_distill.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import statistics
+import sys
+import time
+
+import torch
+
+from draftsmith.datasets_io import load_prompt_source
+from draftsmith.models import EMBEDDED_TARGET, LoadedModel, derive_drafter, frequent_token_ids, load_drafter, load_model
+from draftsmith.sampling import SamplingParams
+from draftsmith.specdec import EngineConfig, Request, SpecEngine, runner_for
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default=EMBEDDED_TARGET, help="preset, HF directory or .gguf file")
+    parser.add_argument("--drafter", default="derived:first2+last1",
+                        help="a drafter directory, or derived:<layers> (e.g. derived:first2+last1, derived:0,29)")
+    parser.add_argument("--draft-vocab", type=int, default=0,
+                        help="trim the derived drafter's head to the N most frequent tokens of ShareGPT train replies")
+    parser.add_argument("--prompts", default="sharegpt", help="sharegpt (held-out slice) or jsonl:PATH")
+    parser.add_argument("--n-prompts", type=int, default=4)
+    parser.add_argument("--max-prompt-tokens", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--gamma", type=int, default=4)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--layer-parallel", type=int, default=0,
+                        help="also measure layer-parallel drafting with groups of this size")
+    parser.add_argument("--skip-hf", action="store_true", help="skip the transformers baselines")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def build_drafter(target: LoadedModel, spec: str, draft_vocab: int = 0):
+    """A drafter from a directory or a `derived:<layers>` spec (optionally with a trimmed head)."""
+    if not spec.startswith("derived:"):
+        return load_drafter(spec, target)
+    vocab_ids = None
+    if draft_vocab:
+        vocab_ids = frequent_token_ids(_reply_token_ids(target), draft_vocab, always=target.eos_token_ids)
+    drafter = derive_drafter(target, spec.split(":", 1)[1], draft_vocab_ids=vocab_ids)
+    drafter.version = spec + (f"/v{draft_vocab}" if draft_vocab else "")
+    return drafter
+
+
+def _reply_token_ids(target: LoadedModel, n: int = 2000):
+    from draftsmith.datasets_io import sharegpt_split, to_chat_messages
+
+    for conversation in sharegpt_split("train", n):
+        for message in to_chat_messages(conversation):
+            if message["role"] == "assistant":
+                yield target.tokenizer.encode(message["content"][:2000], add_special_tokens=False)
+
+
+def render_prompts(target: LoadedModel, spec: str, n: int, max_prompt_tokens: int) -> list[list[int]]:
+    """Chat-templated prompt ids, left-truncated to max_prompt_tokens (keeps the question's end)."""
+    prompts = []
+    for messages in load_prompt_source(spec, n):
+        ids = target.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        prompts.append(ids[-max_prompt_tokens:])
+    return prompts
+
+
+def _median_ms(fn, repeats: int = 7) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+@torch.inference_mode()
+def measure_step_costs(target_runner, drafter_runner, context: int, gamma: int) -> dict:
+    """Median times of one target step, one target verification of gamma+1 tokens, one drafter step."""
+    device = target_runner.device
+    ids = torch.randint(0, 1000, (1, context), device=device)
+    positions = torch.arange(context, device=device)[None]
+    tcache, dcache = target_runner.new_cache(1, context + gamma + 2), drafter_runner.new_cache(1, context + gamma + 2)
+    target_runner.forward(ids, positions, tcache, slice(0, 1))
+    drafter_runner.forward(ids, positions, dcache, slice(0, 1))
+    one = torch.tensor([[5]], device=device)
+    at = torch.tensor([[context]], device=device)
+    many = torch.full((1, gamma + 1), 5, device=device)
+    at_many = context + torch.arange(gamma + 1, device=device)[None]
+    target_ms = _median_ms(lambda: target_runner.forward(one, at, tcache, slice(0, 1)))
+    verify_ms = _median_ms(lambda: target_runner.forward(many, at_many, tcache, slice(0, 1)))
+    drafter_ms = _median_ms(lambda: drafter_runner.forward(one, at, dcache, slice(0, 1)))
+    return {"target_step_ms": target_ms, "verify_ms": verify_ms, "drafter_step_ms": drafter_ms,
+            "cost_ratio": drafter_ms / target_ms, "verify_cost_ratio": verify_ms / target_ms}
+
+
+@dataclasses.dataclass
+class PathTotals:
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.tokens += tokens
+        self.seconds += seconds
+
+    @property
+    def tok_s(self) -> float | None:
+        return self.tokens / self.seconds if self.seconds else None
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def leviathan(alpha: float, gamma: int, cost_ratio: float, verify_cost_ratio: float = 1.0) -> tuple[float, float]:
+    """Expected tokens per step E = (1 - a^(g+1)) / (1 - a) and speedup E / (g*c + v)."""
+    expected = gamma + 1.0 if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+    return expected, expected / (gamma * cost_ratio + verify_cost_ratio)
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.manual_seed(args.seed)
+    target = load_model(args.target, device=args.device)
+    drafter = build_drafter(target, args.drafter, args.draft_vocab)
+    tokenizer = target.tokenizer
+    prompts = render_prompts(target, args.prompts, args.n_prompts, args.max_prompt_tokens)
+    logger.info("%d prompts, %d-%d tokens", len(prompts), min(map(len, prompts)), max(map(len, prompts)))
+    target_runner, drafter_runner = runner_for(target.model), runner_for(None, drafter)
+    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    max_len = max(map(len, prompts)) + args.max_new_tokens + args.gamma + 2
+
+    def engine(gamma: int) -> SpecEngine:
+        config = EngineConfig(num_speculative_tokens=gamma, max_batch_size=args.batch_size, max_model_len=max_len,
+                              topk_logprobs=0, seed=args.seed)
+        return SpecEngine(target_runner, drafter_runner if gamma else None, config=config,
+                          eos_token_ids=target.eos_token_ids)
+
+    ar_engine, spec_engine = engine(0), engine(args.gamma)
+    hf_drafter = drafter.model
+    eos = list(target.eos_token_ids)
+    hf_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, eos_token_id=eos,
+                     pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0])
+    if args.temperature > 0:
+        hf_kwargs.update(temperature=args.temperature, top_p=1.0, top_k=0)
+
+    def hf_generate(ids, **extra):
+        with torch.inference_mode():
+            out = target.model.generate(torch.tensor([ids], device=args.device), **hf_kwargs, **extra)
+        return out.shape[1] - len(ids)
+
+    paths = {name: PathTotals() for name in ("ar", "spec", "hf", "hf_assisted", "hf_assisted_default")}
+    ar_outputs, spec_results = [], []
+    # Warm up every path once on the first prompt (allocations, lazy init).
+    ar_engine.generate([Request("warm", prompts[0], dataclasses.replace(params, max_tokens=4))])
+    spec_engine.generate([Request("warm", prompts[0], dataclasses.replace(params, max_tokens=4))])
+    batches = [prompts[i: i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
+    from tqdm import tqdm
+
+    for b, batch in enumerate(tqdm(batches, desc="bench decode", file=sys.stderr, disable=None)):
+        requests = [Request(f"{b}-{i}", ids, params) for i, ids in enumerate(batch)]
+        results, seconds = _timed(lambda: ar_engine.generate(requests))
+        paths["ar"].add(sum(len(r.output_token_ids) for r in results), seconds)
+        ar_outputs += [r.output_token_ids for r in results]
+        results, seconds = _timed(lambda: spec_engine.generate(requests))
+        paths["spec"].add(sum(len(r.output_token_ids) for r in results), seconds)
+        spec_results += results
+        if args.skip_hf or args.batch_size != 1:
+            continue  # transformers' assisted generation decodes one sequence at a time
+        ids = batch[0]
+        paths["hf"].add(*_timed(lambda: hf_generate(ids)))
+        paths["hf_assisted"].add(*_timed(lambda: hf_generate(
+            ids, assistant_model=hf_drafter, num_assistant_tokens=args.gamma,
+            num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0)))
+        paths["hf_assisted_default"].add(*_timed(lambda: hf_generate(ids, assistant_model=hf_drafter)))
+
+    drafted = sum(r.stats.drafted for r in spec_results)
+    accepted = sum(r.stats.accepted for r in spec_results)
+    compared = sum(r.stats.compared for r in spec_results)
+    steps = sum(r.stats.steps for r in spec_results)
+    emitted = sum(r.stats.emitted_in_steps for r in spec_results)
+    alpha = accepted / compared if compared else 0.0
+    mean_accepted_length = emitted / steps if steps else 0.0
+    costs = measure_step_costs(target_runner, drafter_runner, int(statistics.median(map(len, prompts))), args.gamma)
+    _, theoretical = leviathan(alpha, args.gamma, costs["cost_ratio"])
+    predicted = mean_accepted_length / (args.gamma * costs["cost_ratio"] + costs["verify_cost_ratio"])
+    mismatches = None
+    if args.temperature == 0:
+        mismatches = sum(a != r.output_token_ids for a, r in zip(ar_outputs, spec_results))
+    ar_tok_s, spec_tok_s = paths["ar"].tok_s, paths["spec"].tok_s
+
+    def ratio(a, b):
+        return a / b if a and b else None
+
+    report = {
+        "target": target.model_id,
+        "drafter": drafter.version,
+        "drafter_layers": drafter.num_layers,
+        "draft_vocab_size": drafter.meta.get("draft_vocab_size"),
+        "device": args.device,
+        "n_prompts": len(prompts),
+        "max_new_tokens": args.max_new_tokens,
+        "gamma": args.gamma,
+        "batch_size": args.batch_size,
+        "temperature": args.temperature,
+        "output_tokens": paths["spec"].tokens,
+        "autoregressive_tok_s": ar_tok_s,
+        "speculative_tok_s": spec_tok_s,
+        "hf_generate_tok_s": paths["hf"].tok_s,
+        "hf_assisted_tok_s": paths["hf_assisted"].tok_s,
+        "hf_assisted_default_tok_s": paths["hf_assisted_default"].tok_s,
+        "acceptance_rate": accepted / drafted if drafted else 0.0,
+        "token_acceptance": alpha,
+        "mean_accepted_length": mean_accepted_length,
+        **costs,
+        "theoretical_speedup": theoretical,
+        "predicted_speedup": predicted,
+        "speedup_vs_autoregressive": ratio(spec_tok_s, ar_tok_s),
+        "speedup_vs_hf_assisted": ratio(spec_tok_s, paths["hf_assisted"].tok_s),
+        "autoregressive_vs_hf_generate": ratio(ar_tok_s, paths["hf"].tok_s),
+        "engine_efficiency": ratio(ratio(spec_tok_s, ar_tok_s), predicted),
+        "greedy_mismatches": mismatches,
+    }
+    if args.layer_parallel:
+        from draftsmith.layer_parallel import measure_layer_parallel
+
+        report.update(measure_layer_parallel(target_runner, drafter_runner, prompts, group_size=args.layer_parallel,
+                                             gamma=args.gamma, max_new_tokens=args.max_new_tokens))
+    return report
+
+
+def summary_table(report: dict) -> str:
+    def fmt(value, spec=".1f"):
+        return "n/a" if value is None else format(value, spec)
+
+    rows = [
+        ("this engine, autoregressive", fmt(report["autoregressive_tok_s"]), "1.00x"),
+        (f"this engine, speculative (gamma {report['gamma']})", fmt(report["speculative_tok_s"]),
+         fmt(report["speedup_vs_autoregressive"], ".2f") + "x"),
+        ("transformers generate()", fmt(report["hf_generate_tok_s"]), ""),
+        ("transformers assisted, same drafter+gamma", fmt(report["hf_assisted_tok_s"]), ""),
+        ("transformers assisted, default schedule", fmt(report["hf_assisted_default_tok_s"]), ""),
+    ]
+    lines = [f"Target {report['target']}, drafter {report['drafter']} ({report['drafter_layers']} layers), "
+             f"{report['n_prompts']} prompts x {report['max_new_tokens']} new tokens, batch {report['batch_size']}, "
+             f"{report['device']}", "", f"{'decoding path':44s} {'tokens/s':>9s} {'vs AR':>7s}"]
+    lines += [f"{name:44s} {tok_s:>9s} {speedup:>7s}" for name, tok_s, speedup in rows]
+    lines += [
+        "",
+        f"token acceptance (alpha) {report['token_acceptance']:.3f}, acceptance rate {report['acceptance_rate']:.3f}, "
+        f"mean accepted length {report['mean_accepted_length']:.2f} tokens/step",
+        f"drafter/target step cost c = {report['cost_ratio']:.3f}, verification cost v = {report['verify_cost_ratio']:.2f}; "
+        f"predicted speedup {report['predicted_speedup']:.2f}x (Leviathan, v=1: {report['theoretical_speedup']:.2f}x)",
+        f"greedy mismatches vs autoregressive: {report['greedy_mismatches']}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="draftsmith bench decode", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    report = run(args)
+    print(summary_table(report), flush=True)
+    print(json.dumps(report))
+    return 0

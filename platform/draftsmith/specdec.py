@@ -1,0 +1,534 @@
+"""The speculative decoding engine: batched, KV-cached, lossless, with continuous admission.
+
+One `SpecEngine` owns a target runner, an optional drafter runner and their slot KV caches. Requests
+are admitted into free slots (prefilled by the target, which also emits the first token), then every
+`step()` drafts up to gamma tokens per sequence, verifies all of them in one target forward, accepts
+per sequence (ragged: each sequence advances by its own accepted length) and rolls both caches back
+by resetting lengths. `num_speculative_tokens=0` runs the same code as plain autoregressive decoding.
+
+Invariants per sequence (tokens = prompt + output so far):
+- the target cache holds every token but the last (`target_len == len(tokens) - 1`);
+- the drafter cache holds a prefix (`drafter_len <= len(tokens) - 1`); the tokens it lacks are fed
+  at the start of the next draft (after a fully accepted step the last draft token is missing, after
+  admission or a drafter swap the whole sequence is).
+
+Not here: sampling math (sampling.py), model loading (models.py), HTTP/Ray (serve/), timing of whole
+benchmarks (bench_decode.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+
+from draftsmith.llama import CausalLMRunner, KVCache
+from draftsmith.sampling import (
+    SamplingParams,
+    processed_probs,
+    sample_from,
+    verify_greedy,
+    verify_sampled,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams = SamplingParams()
+    num_speculative_tokens: int | None = None  # None: the engine's default gamma
+
+
+@dataclasses.dataclass
+class RequestStats:
+    """Per-request speculation counters; DESIGN.md's vocabulary defines the derived rates."""
+
+    drafted: int = 0
+    accepted: int = 0
+    compared: int = 0
+    steps: int = 0  # target verification steps (the prefill's first token is not one)
+    emitted_in_steps: int = 0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    prefill_seconds: float = 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def token_acceptance(self) -> float:
+        return self.accepted / self.compared if self.compared else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        return self.emitted_in_steps / self.steps if self.steps else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            **dataclasses.asdict(self),
+            "acceptance_rate": self.acceptance_rate,
+            "token_acceptance": self.token_acceptance,
+            "mean_accepted_length": self.mean_accepted_length,
+        }
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    finish_reason: str
+    text: str | None
+    topk_ids: torch.Tensor  # [n_out, k]
+    topk_logprobs: torch.Tensor  # [n_out, k]
+    accept_mask: torch.Tensor  # [n_out] bool: the token was an accepted draft token
+    stats: RequestStats
+    drafter_version: str
+
+
+@dataclasses.dataclass
+class StepOutput:
+    request_id: str
+    new_token_ids: list[int]
+    text_delta: str
+    finished: bool
+    result: GenerationResult | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    num_speculative_tokens: int = 4
+    max_batch_size: int = 8
+    max_model_len: int = 2048
+    topk_logprobs: int = 8  # target top-k per output position, for the traffic log (0 = off)
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class _Sequence:
+    request: Request
+    gamma: int
+    generator: torch.Generator | None
+    tokens: list[int]
+    prompt_len: int
+    target_len: int = 0
+    drafter_len: int = 0
+    finish_reason: str | None = None
+    text: str = ""
+    sent_text_len: int = 0
+    stats: RequestStats = dataclasses.field(default_factory=RequestStats)
+    topk_ids: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    topk_logprobs: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    accept_mask: list[bool] = dataclasses.field(default_factory=list)
+
+    @property
+    def output(self) -> list[int]:
+        return self.tokens[self.prompt_len:]
+
+
+class SpecEngine:
+    """Batched speculative decoding over slot caches. Single-threaded: call from one thread."""
+
+    def __init__(self, target: CausalLMRunner, drafter: CausalLMRunner | None = None, *,
+                 config: EngineConfig = EngineConfig(), eos_token_ids: Sequence[int] = (),
+                 decode: Callable[[list[int]], str] | None = None, drafter_version: str = "none"):
+        self.target = target
+        self.config = config
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.decode = decode
+        self.max_len = min(config.max_model_len, getattr(target.config, "max_position_embeddings", config.max_model_len))
+        self.target_cache: KVCache = target.new_cache(config.max_batch_size, self.max_len)
+        self.drafter: CausalLMRunner | None = None
+        self.drafter_cache: KVCache | None = None
+        self.drafter_version = "none"
+        if drafter is not None:
+            self.set_drafter(drafter, drafter_version)
+        self.active: list[_Sequence] = []
+        self.waiting: list[Request] = []
+        self._master = torch.Generator().manual_seed(config.seed)
+        self._on_cuda = target.device.type == "cuda"
+
+    # ----- requests -------------------------------------------------------------------------------
+    def set_drafter(self, drafter: CausalLMRunner | None, version: str = "none") -> None:
+        """Switch drafters between steps; running sequences re-feed their tokens to the new drafter."""
+        if drafter is not None and drafter.embed.shape[0] != self.target.embed.shape[0]:
+            raise ValueError(f"drafter embeds {drafter.embed.shape[0]} tokens, target {self.target.embed.shape[0]}")
+        self.drafter = drafter
+        self.drafter_version = version if drafter is not None else "none"
+        self.drafter_cache = drafter.new_cache(self.config.max_batch_size, self.max_len) if drafter else None
+        for seq in getattr(self, "active", []):
+            seq.drafter_len = 0
+
+    def validate(self, request: Request) -> None:
+        """Raise ValueError with a user-facing message if the request cannot run on this engine."""
+        prompt_len = len(request.prompt_token_ids)
+        if prompt_len == 0:
+            raise ValueError("The prompt is empty: send at least one token.")
+        gamma = self._gamma(request)
+        needed = prompt_len + request.params.max_tokens + gamma + 1
+        if needed > self.max_len:
+            raise ValueError(
+                f"The prompt ({prompt_len} tokens) plus max_tokens ({request.params.max_tokens}) exceeds the "
+                f"context of {self.max_len} tokens (with {gamma + 1} tokens of speculation headroom): shorten "
+                f"the prompt or lower max_tokens to at most {max(0, self.max_len - prompt_len - gamma - 1)}."
+            )
+        vocab = self.target.embed.shape[0]
+        bad = [t for t in request.prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"Prompt token ids {bad[:5]} are outside the vocabulary of {vocab}.")
+
+    def _gamma(self, request: Request) -> int:
+        gamma = self.config.num_speculative_tokens if request.num_speculative_tokens is None else request.num_speculative_tokens
+        if gamma < 0:
+            raise ValueError(f"num_speculative_tokens must be >= 0, got {gamma}")
+        return gamma if self.drafter is not None else 0
+
+    def add_request(self, request: Request) -> None:
+        self.validate(request)
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.active or self.waiting)
+
+    def abort(self, request_id: str) -> None:
+        self.waiting = [r for r in self.waiting if r.request_id != request_id]
+        for seq in self.active:
+            if seq.request.request_id == request_id:
+                seq.finish_reason = "abort"
+        self._release_finished()
+
+    # ----- the loop -------------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        """Admit waiting requests into free slots, then run one draft/verify step for every sequence."""
+        outputs: list[StepOutput] = []
+        emitted: dict[int, list[int]] = {}
+        admitted = self._admit()
+        if admitted:
+            self._prefill(admitted, emitted)
+        decoding = [seq for seq in self.active if seq not in admitted and seq.finish_reason is None]
+        if decoding:
+            self._decode_step(decoding, emitted)
+        for seq in list(self.active):
+            new = emitted.get(id(seq))
+            if new is None and seq.finish_reason is None:
+                continue
+            outputs.append(self._output(seq, new or []))
+        self._release_finished()
+        return outputs
+
+    def generate(self, requests: Iterable[Request]) -> list[GenerationResult]:
+        """Run requests to completion (admitting as slots free up); results in request order."""
+        requests = list(requests)
+        for request in requests:
+            self.add_request(request)
+        results: dict[str, GenerationResult] = {}
+        while self.has_work():
+            for out in self.step():
+                if out.finished:
+                    results[out.request_id] = out.result
+        return [results[r.request_id] for r in requests]
+
+    def stream(self, request: Request) -> Iterator[StepOutput]:
+        """Stream one request's outputs (others in the engine keep advancing)."""
+        self.add_request(request)
+        while True:
+            for out in self.step():
+                if out.request_id == request.request_id:
+                    yield out
+                    if out.finished:
+                        return
+
+    # ----- internals ------------------------------------------------------------------------------
+    def _admit(self) -> list[_Sequence]:
+        admitted = []
+        while self.waiting and len(self.active) < self.config.max_batch_size:
+            request = self.waiting.pop(0)
+            params = request.params
+            generator = None
+            if not params.greedy:
+                seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._master))
+                generator = torch.Generator().manual_seed(seed)
+            seq = _Sequence(request, self._gamma(request), generator, list(request.prompt_token_ids),
+                            prompt_len=len(request.prompt_token_ids))
+            self.active.append(seq)
+            admitted.append(seq)
+        return admitted
+
+    def _rows(self, seqs: list[_Sequence]) -> slice:
+        start = self.active.index(seqs[0])
+        return slice(start, start + len(seqs))
+
+    def _sync(self) -> None:
+        if self._on_cuda:
+            torch.cuda.synchronize()
+
+    def _sampling_tensors(self, seqs: list[_Sequence]):
+        params = [s.request.params for s in seqs]
+        device = self.target.device
+        return (torch.tensor([p.temperature for p in params], device=device),
+                torch.tensor([p.top_k for p in params], device=device),
+                torch.tensor([p.top_p for p in params], device=device))
+
+    def _uniforms(self, seqs: list[_Sequence], count: int) -> torch.Tensor:
+        draws = [s.generator and torch.rand(count, generator=s.generator) for s in seqs]
+        draws = [d if d is not None else torch.zeros(count) for d in draws]
+        return torch.stack(draws).to(self.target.device)  # [B, count]
+
+    @torch.inference_mode()
+    def _prefill(self, seqs: list[_Sequence], emitted: dict[int, list[int]]) -> None:
+        start = time.perf_counter()
+        rows = self._rows(seqs)
+        lengths = [s.prompt_len for s in seqs]
+        width = max(lengths)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : lengths[i]] = torch.tensor(s.tokens)
+        ids = ids.to(self.target.device)
+        positions = torch.arange(width, device=self.target.device)[None].expand(len(seqs), width)
+        last = torch.tensor(lengths, device=self.target.device) - 1
+        logits = self.target.forward(ids, positions, self.target_cache, rows, logits_at=last)  # [B, 1, V]
+        tokens = self._sample_target(seqs, logits)
+        topk = self._topk(logits)
+        self._sync()
+        elapsed = time.perf_counter() - start
+        for i, s in enumerate(seqs):
+            s.target_len = s.prompt_len
+            s.stats.prefill_seconds += elapsed
+            self._emit(s, [int(tokens[i])], topk and (topk[0][i], topk[1][i]), accepted=0, emitted=emitted)
+
+    def _sample_target(self, seqs: list[_Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """One token per row from logits [B, 1, V], with each row's sampling parameters."""
+        if all(s.request.params.greedy for s in seqs):
+            return logits[:, 0].argmax(-1)
+        probs = processed_probs(logits, *self._sampling_tensors(seqs))
+        return sample_from(probs[:, 0], self._uniforms(seqs, 1)[:, 0])
+
+    def _topk(self, logits: torch.Tensor):
+        k = self.config.topk_logprobs
+        if not k:
+            return None
+        values, ids = logits.float().log_softmax(-1).topk(k, dim=-1)
+        return ids.cpu(), values.cpu()
+
+    @torch.inference_mode()
+    def _decode_step(self, seqs: list[_Sequence], emitted: dict[int, list[int]]) -> None:
+        # Rows are the contiguous slots 0..n-1 minus the ones admitted this step, which sit at the end.
+        rows = self._rows(seqs)
+        gammas_list = [self._step_gamma(s) for s in seqs]
+        gamma = max(gammas_list)
+        device = self.target.device
+        greedy = all(s.request.params.greedy for s in seqs)
+        sampling = None if greedy else self._sampling_tensors(seqs)
+        start = time.perf_counter()
+        draft_tokens = torch.zeros(len(seqs), gamma, dtype=torch.long, device=device)
+        draft_probs = None
+        if gamma > 0:
+            draft_tokens, draft_probs = self._draft(seqs, rows, gamma, sampling)
+        self._sync()
+        drafted_at = time.perf_counter()
+        base = torch.tensor([s.target_len for s in seqs], device=device)
+        last = torch.tensor([s.tokens[-1] for s in seqs], device=device)
+        verify_ids = torch.cat([last[:, None], draft_tokens], dim=1)  # [B, gamma + 1]
+        positions = base[:, None] + torch.arange(gamma + 1, device=device)[None]
+        logits = self.target.forward(verify_ids, positions, self.target_cache, rows)  # [B, gamma + 1, V]
+        gammas = torch.tensor(gammas_list, device=device)
+        if greedy:
+            verdict = verify_greedy(draft_tokens, logits, gammas)
+        else:
+            target_probs = processed_probs(logits, *sampling)
+            uniforms = self._uniforms(seqs, gamma + 1)
+            if draft_probs is None:
+                draft_probs = torch.zeros(len(seqs), 0, target_probs.shape[-1], device=device)
+            verdict = verify_sampled(draft_tokens, draft_probs, target_probs, gammas, uniforms[:, :gamma], uniforms[:, gamma])
+        topk = self._topk(logits)
+        accepted = verdict.accepted.tolist()
+        tokens = verdict.tokens.tolist()
+        self._sync()
+        done = time.perf_counter()
+        for i, s in enumerate(seqs):
+            a, g = accepted[i], gammas_list[i]
+            s.stats.steps += 1
+            s.stats.drafted += g
+            s.stats.accepted += a
+            s.stats.compared += min(a + 1, g)
+            s.stats.draft_seconds += drafted_at - start
+            s.stats.verify_seconds += done - drafted_at
+            old_total = len(s.tokens)
+            s.target_len = old_total + a
+            s.drafter_len = min(s.drafter_len, old_total + min(a, gamma - 1)) if gamma else s.drafter_len
+            kept = self._emit(s, tokens[i][: a + 1], topk and (topk[0][i, : a + 1], topk[1][i, : a + 1]),
+                              accepted=a, emitted=emitted)
+            s.stats.emitted_in_steps += kept
+
+    def _step_gamma(self, seq: _Sequence) -> int:
+        remaining = seq.request.params.max_tokens - len(seq.output)
+        return max(0, min(seq.gamma, remaining - 1, self.max_len - len(seq.tokens) - 1))
+
+    def _draft(self, seqs: list[_Sequence], rows: slice, gamma: int, sampling):
+        """Draft `gamma` tokens per row; returns tokens [B, gamma] and (when sampling) their probs [B, gamma, V]."""
+        drafter, cache, device = self.drafter, self.drafter_cache, self.target.device
+        # A layer-parallel drafter's cache is exact only up to drafter_len: the first forward recomputes every
+        # later token sequentially (KV calibration, see layer_parallel.py), the other draft forwards are fuzzy.
+        calibrate = getattr(drafter.layer_executor, "approximate", False)
+        self._catch_up_drafter(seqs, rows, max_lag=min(gamma, min(len(s.tokens) for s in seqs) - 1) if calibrate else 1)
+        # Every row now lacks at most max_lag + 1 tokens; feed a window of the last `width` tokens (re-feeding an
+        # already cached token rewrites its KV entry with the same values, which keeps the batch rectangular).
+        width = max(len(s.tokens) - s.drafter_len for s in seqs)
+        ids = torch.tensor([s.tokens[-width:] for s in seqs], device=device)
+        ends = torch.tensor([len(s.tokens) for s in seqs], device=device)
+        positions = ends[:, None] - width + torch.arange(width, device=device)[None]
+        logits = drafter.forward(ids, positions, cache, rows, logits_at=torch.full((len(seqs),), width - 1, device=device),
+                                 exact=calibrate)
+        tokens, probs = [], []
+        uniforms = None if sampling is None else self._uniforms(seqs, gamma)
+        for i in range(gamma):
+            token, prob = self._draft_token(logits, sampling, None if uniforms is None else uniforms[:, i])
+            tokens.append(token)
+            probs.append(prob)
+            if i < gamma - 1:
+                logits = drafter.forward(token[:, None], (ends + i)[:, None], cache, rows)
+        for s in seqs:
+            s.drafter_len = len(s.tokens) if calibrate else len(s.tokens) + gamma - 1
+        draft_probs = None if sampling is None else torch.stack(probs, dim=1)
+        return torch.stack(tokens, dim=1), draft_probs
+
+    def _draft_token(self, logits: torch.Tensor, sampling, uniforms):
+        """logits [B, 1, V_draft] -> full-vocabulary token ids [B] and, when sampling, probs [B, V]."""
+        head_ids = self.drafter.head_token_ids
+        if sampling is None:
+            choice = logits[:, 0].argmax(-1)
+            return (choice if head_ids is None else head_ids[choice]), None
+        if head_ids is not None:  # a trimmed head proposes nothing outside its vocabulary
+            full = logits.new_full((logits.shape[0], 1, self.target.vocab_size), float("-inf"))
+            logits = full.index_copy_(2, head_ids, logits)
+        probs = processed_probs(logits, *sampling)[:, 0]
+        return sample_from(probs, uniforms), probs
+
+    def _catch_up_drafter(self, seqs: list[_Sequence], rows: slice, max_lag: int = 1) -> None:
+        """Feed rows that lack more than max_lag + 1 tokens (admitted, swapped, or after plain AR steps)."""
+        lag = [len(s.tokens) - 1 - s.drafter_len for s in seqs]
+        if max(lag) <= max_lag:
+            return
+        device = self.target.device
+        width = max(lag)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            if lag[i] > 0:
+                ids[i, : lag[i]] = torch.tensor(s.tokens[s.drafter_len: len(s.tokens) - 1])
+        starts = torch.tensor([s.drafter_len for s in seqs], device=device)
+        positions = starts[:, None] + torch.arange(width, device=device)[None]
+        # Rows with a shorter lag write padding past their length: never read before being overwritten.
+        self.drafter.hidden_states(ids.to(device), positions, self.drafter_cache, rows, exact=True)
+        for s in seqs:
+            s.drafter_len = len(s.tokens) - 1
+
+    def _emit(self, seq: _Sequence, new_tokens: list[int], topk, *, accepted: int,
+              emitted: dict[int, list[int]]) -> int:
+        """Append tokens until a stop condition; record logprobs and accept flags. Returns tokens kept."""
+        params = seq.request.params
+        kept = 0
+        for j, token in enumerate(new_tokens):
+            seq.tokens.append(token)
+            kept += 1
+            seq.accept_mask.append(j < accepted)
+            if token in self.eos_token_ids and not params.ignore_eos:
+                seq.finish_reason = "stop"
+            elif token in params.stop_token_ids:
+                seq.finish_reason = "stop"
+            elif len(seq.output) >= params.max_tokens:
+                seq.finish_reason = "length"
+            if seq.finish_reason or (params.stop and self._hit_stop_string(seq)):
+                seq.finish_reason = seq.finish_reason or "stop"
+                break
+        if topk:
+            seq.topk_ids.append(topk[0][:kept].reshape(kept, -1))
+            seq.topk_logprobs.append(topk[1][:kept].reshape(kept, -1))
+        emitted.setdefault(id(seq), []).extend(new_tokens[:kept])
+        if seq.finish_reason:
+            # Tokens beyond the stop were generated but are not part of the answer: drop them from the cache.
+            seq.target_len = min(seq.target_len, len(seq.tokens) - 1)
+        return kept
+
+    def _hit_stop_string(self, seq: _Sequence) -> bool:
+        text = self._decode_output(seq)
+        for stop in seq.request.params.stop:
+            cut = text.find(stop)
+            if cut >= 0:
+                seq.text = text[:cut]
+                return True
+        return False
+
+    def _decode_output(self, seq: _Sequence) -> str:
+        ids = [t for t in seq.output if t not in self.eos_token_ids]
+        return self.decode(ids) if self.decode else ""
+
+    def _output(self, seq: _Sequence, new_tokens: list[int]) -> StepOutput:
+        delta = ""
+        if self.decode is not None:
+            if not (seq.finish_reason == "stop" and seq.request.params.stop and seq.text):
+                seq.text = self._decode_output(seq)
+            visible = seq.text
+            if seq.finish_reason is None:
+                visible = _hold_back(visible, seq.request.params.stop)
+            delta = visible[seq.sent_text_len:]
+            seq.sent_text_len = max(seq.sent_text_len, len(visible))
+        result = self._result(seq) if seq.finish_reason else None
+        return StepOutput(seq.request.request_id, new_tokens, delta, seq.finish_reason is not None, result)
+
+    def _result(self, seq: _Sequence) -> GenerationResult:
+        k = self.config.topk_logprobs
+        n_out = len(seq.output)
+        ids = torch.cat(seq.topk_ids) if seq.topk_ids else torch.zeros(n_out, k, dtype=torch.long)
+        logprobs = torch.cat(seq.topk_logprobs) if seq.topk_logprobs else torch.zeros(n_out, k)
+        return GenerationResult(
+            request_id=seq.request.request_id,
+            prompt_token_ids=list(seq.request.prompt_token_ids),
+            output_token_ids=list(seq.output),
+            finish_reason=seq.finish_reason,
+            text=seq.text if self.decode else None,
+            topk_ids=ids,
+            topk_logprobs=logprobs,
+            accept_mask=torch.tensor(seq.accept_mask, dtype=torch.bool),
+            stats=seq.stats,
+            drafter_version=self.drafter_version,
+        )
+
+    def _release_finished(self) -> None:
+        """Free finished slots, moving the last active sequence into each hole (slots stay contiguous)."""
+        index = 0
+        while index < len(self.active):
+            if self.active[index].finish_reason is None:
+                index += 1
+                continue
+            last = len(self.active) - 1
+            if index != last:
+                moved = self.active[last]
+                self.target_cache.copy_slot(last, index, moved.target_len)
+                if self.drafter_cache is not None:
+                    self.drafter_cache.copy_slot(last, index, moved.drafter_len)
+                self.active[index] = moved
+            self.active.pop()
+
+
+def _hold_back(text: str, stops: Sequence[str]) -> str:
+    """Text safe to stream: without a trailing partial UTF-8 char or a prefix of a stop string."""
+    text = text.rstrip("\ufffd")
+    for stop in stops:
+        for length in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:length]):
+                return text[: len(text) - length]
+    return text
+
+
+def runner_for(model, drafter=None) -> CausalLMRunner:
+    """A runner over an HF model, or over a models.Drafter (with its trimmed head if it has one)."""
+    if drafter is not None:
+        return CausalLMRunner(drafter.model, head_token_ids=drafter.head_token_ids, head_weight=drafter.head_weight)
+    return CausalLMRunner(model)

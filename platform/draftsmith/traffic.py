@@ -1,0 +1,496 @@
+"""The traffic log: one Parquet row per completed request, partitioned by hour.
+
+What it does: defines the log's schema (`TRAFFIC_SCHEMA`) and its row type
+(`TrafficRecord`); writes buffered records as Parquet files under
+`<root>/date=YYYY-MM-DD/hour=HH/`, each written under a hidden temporary name
+and renamed when complete, so a reader never sees half a file; reads them back
+with filters, skipping (and reporting) corrupt or truncated files instead of
+failing; deletes old date partitions; fingerprints tokenizers so records made
+with different vocabularies are never mixed.
+
+What it does not do: no Ray (the Serve logger in `serve/` and the pipelines in
+`pipelines/` wrap this), no deduplication or train/held-out split (see
+`pipelines/`), no schema migration beyond casting to `TRAFFIC_SCHEMA`.
+
+`uri` is anything `pyarrow.fs.FileSystem.from_uri` accepts: a local path,
+`file://`, `s3://`, `gs://`... or pass `filesystem=` explicitly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from draftsmith.tokenization import tokenizer_fingerprint  # noqa: F401  (re-exported: records carry it)
+
+logger = logging.getLogger(__name__)
+
+UTC = dt.timezone.utc
+
+TRAFFIC_SCHEMA = pa.schema(
+    [
+        pa.field("request_id", pa.string(), nullable=False),
+        pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("target_id", pa.string(), nullable=False),
+        pa.field("target_revision", pa.string(), nullable=False),
+        pa.field("tokenizer_hash", pa.string(), nullable=False),
+        pa.field("drafter_version", pa.string(), nullable=False),
+        pa.field("temperature", pa.float32(), nullable=False),
+        pa.field("top_p", pa.float32(), nullable=False),
+        pa.field("top_k", pa.int32(), nullable=False),
+        pa.field("max_tokens", pa.int32(), nullable=False),
+        pa.field("seed", pa.int64(), nullable=True),
+        pa.field("num_speculative_tokens", pa.int32(), nullable=False),
+        pa.field("prompt_token_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("output_token_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("target_topk_ids", pa.list_(pa.list_(pa.int32())), nullable=False),  # [n_out][k]
+        pa.field("target_topk_logprobs", pa.list_(pa.list_(pa.float32())), nullable=False),  # [n_out][k]
+        pa.field("accept_mask", pa.list_(pa.bool_()), nullable=False),  # [n_out]
+        pa.field("drafted", pa.int32(), nullable=False),
+        pa.field("accepted", pa.int32(), nullable=False),
+        pa.field("compared", pa.int32(), nullable=False),
+        pa.field("finish_reason", pa.string(), nullable=False),
+        pa.field("prompt_text", pa.string(), nullable=True),
+        pa.field("output_text", pa.string(), nullable=True),
+        pa.field("user", pa.string(), nullable=True),
+    ]
+)
+
+SOURCES = ("served", "backfill")
+FINISH_REASONS = ("stop", "length", "abort")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrafficRecord:
+    """One completed request, as logged. Field order and types follow `TRAFFIC_SCHEMA`.
+
+    Per-position fields (`target_topk_ids`, `target_topk_logprobs`, `accept_mask`)
+    have one entry per output token; `created_at` must be timezone-aware.
+    """
+
+    request_id: str
+    created_at: dt.datetime
+    source: str = "served"
+    target_id: str
+    target_revision: str
+    tokenizer_hash: str
+    drafter_version: str = ""
+    temperature: float
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int
+    seed: int | None = None
+    num_speculative_tokens: int = 0
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    target_topk_ids: list[list[int]]  # [n_out][k]
+    target_topk_logprobs: list[list[float]]  # [n_out][k]
+    accept_mask: list[bool]  # [n_out]
+    drafted: int = 0
+    accepted: int = 0
+    compared: int = 0
+    finish_reason: str
+    prompt_text: str | None = None
+    output_text: str | None = None
+    user: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.created_at.tzinfo is None:
+            raise ValueError(
+                f"TrafficRecord {self.request_id}: created_at must be timezone-aware "
+                "(use datetime.now(timezone.utc))"
+            )
+        if self.source not in SOURCES:
+            raise ValueError(f"TrafficRecord {self.request_id}: source {self.source!r} not in {SOURCES}")
+        n_out = len(self.output_token_ids)
+        for name in ("target_topk_ids", "target_topk_logprobs", "accept_mask"):
+            if len(getattr(self, name)) != n_out:
+                raise ValueError(
+                    f"TrafficRecord {self.request_id}: {name} has {len(getattr(self, name))} entries, "
+                    f"expected one per output token ({n_out})"
+                )
+
+    def to_row(self) -> dict:
+        """A dict with one key per schema column (what `pa.Table.from_pylist` takes)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_row(cls, row: dict) -> TrafficRecord:
+        """The inverse of `to_row`; extra keys (e.g. partition columns) are ignored."""
+        return cls(**{f.name: row[f.name] for f in dataclasses.fields(cls) if f.name in row})
+
+
+Redactor = Callable[[TrafficRecord], TrafficRecord]
+"""A hook applied to each record before it is logged (e.g. `drop_text`)."""
+
+
+def drop_text(record: TrafficRecord) -> TrafficRecord:
+    """Redactor that keeps token ids but drops the request and response text."""
+    return dataclasses.replace(record, prompt_text=None, output_text=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# filesystem helpers
+
+
+def resolve_uri(
+    uri: str | os.PathLike, filesystem: pafs.FileSystem | None = None
+) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, root path) for a URI or local path; relative local paths are made absolute."""
+    uri = os.fspath(uri)
+    if filesystem is not None:
+        return filesystem, uri.rstrip("/")
+    if "://" not in uri:
+        uri = os.path.abspath(uri)
+    fs, path = pafs.FileSystem.from_uri(uri)
+    return fs, path.rstrip("/")
+
+
+def _hidden(rel_path: str) -> bool:
+    return any(part.startswith((".", "_")) for part in rel_path.split("/"))
+
+
+_PARTITION = re.compile(r"date=(\d{4}-\d{2}-\d{2})/hour=(\d{2})/")
+
+
+def _partition_hour(rel_path: str) -> dt.datetime | None:
+    m = _PARTITION.match(rel_path)
+    if m is None:
+        return None
+    return dt.datetime.strptime(f"{m[1]} {m[2]}", "%Y-%m-%d %H").replace(tzinfo=UTC)
+
+
+def _partition_dir(created_at: dt.datetime) -> str:
+    t = created_at.astimezone(UTC)
+    return f"date={t:%Y-%m-%d}/hour={t:%H}"
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+_CONVERSION_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError)
+
+
+def _validated_table(rows: list[dict]) -> pa.Table:
+    table = pa.Table.from_pylist(rows, schema=TRAFFIC_SCHEMA)
+    table.validate(full=True)
+    for name in TRAFFIC_SCHEMA.names:  # from_pylist does not enforce non-nullable fields
+        if not TRAFFIC_SCHEMA.field(name).nullable and table[name].null_count:
+            raise pa.ArrowInvalid(f"column {name!r} is required but is None")
+    return table
+
+
+class TrafficWriter:
+    """Buffers `TrafficRecord`s and writes them as hour-partitioned Parquet files.
+
+    A flush writes one file per (date, hour) partition present in the buffer, named
+    `part-<UTC timestamp>-<uuid>.parquet`; each is written as `.part-....parquet.tmp`
+    in the same directory and renamed when complete. `add` flushes by itself once
+    `flush_every_records` are buffered or `flush_every_seconds` have passed since the
+    last flush (measured with `clock`, injectable for tests). Thread-safe.
+    """
+
+    def __init__(
+        self,
+        uri: str | os.PathLike,
+        *,
+        flush_every_records: int = 256,
+        flush_every_seconds: float = 30.0,
+        filesystem: pafs.FileSystem | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        compression: str = "zstd",
+    ) -> None:
+        if flush_every_records < 1 or flush_every_seconds <= 0:
+            raise ValueError("flush_every_records must be >= 1 and flush_every_seconds > 0")
+        self.fs, self.root = resolve_uri(uri, filesystem)
+        self.flush_every_records = flush_every_records
+        self.flush_every_seconds = flush_every_seconds
+        self.compression = compression
+        self._clock = clock
+        self._last_flush = clock()
+        self._buffer: list[TrafficRecord] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self.records_written = 0
+        self.files_written = 0
+        self.records_dropped = 0
+
+    @property
+    def records_buffered(self) -> int:
+        return len(self._buffer)
+
+    def add(self, record: TrafficRecord) -> int:
+        """Buffer one record; returns the number of records flushed as a result (usually 0)."""
+        if self._closed:
+            raise RuntimeError(f"TrafficWriter for {self.root} is closed")
+        with self._lock:
+            self._buffer.append(record)
+        return self.maybe_flush()
+
+    def maybe_flush(self) -> int:
+        """Flush if the record count or the time since the last flush reached its threshold."""
+        n = len(self._buffer)
+        due = n >= self.flush_every_records or (
+            n > 0 and self._clock() - self._last_flush >= self.flush_every_seconds
+        )
+        return self.flush() if due else 0
+
+    def flush(self) -> int:
+        """Write every buffered record now; returns how many were written.
+
+        If a write fails, the records of the partitions not yet written stay
+        buffered and the error propagates.
+        """
+        with self._lock:
+            groups: dict[str, list[TrafficRecord]] = defaultdict(list)
+            for rec in self._buffer:
+                groups[_partition_dir(rec.created_at)].append(rec)
+            written = 0
+            try:
+                for part, records in sorted(groups.items()):
+                    written += self._write_file(part, records)
+                    del groups[part]
+            finally:
+                self._buffer = [r for recs in groups.values() for r in recs]
+                self.records_written += written
+                self._last_flush = self._clock()
+            return written
+
+    def _to_table(self, records: list[TrafficRecord]) -> pa.Table:
+        """Records as a table; a record that does not fit the schema is dropped with an error
+        (one bad record must not block the log)."""
+        try:
+            return _validated_table([r.to_row() for r in records])
+        except _CONVERSION_ERRORS:
+            pass
+        good = []
+        for r in records:
+            try:
+                _validated_table([r.to_row()])
+                good.append(r.to_row())
+            except _CONVERSION_ERRORS as e:
+                self.records_dropped += 1
+                logger.error("dropping traffic record %s: does not fit TRAFFIC_SCHEMA (%s)", r.request_id, e)
+        return _validated_table(good)
+
+    def _write_file(self, part: str, records: list[TrafficRecord]) -> int:
+        table = self._to_table(records)
+        if table.num_rows == 0:
+            return 0
+        directory = f"{self.root}/{part}"
+        stamp = dt.datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        name = f"part-{stamp}-{uuid.uuid4().hex}.parquet"
+        tmp, final = f"{directory}/.{name}.tmp", f"{directory}/{name}"
+        self.fs.create_dir(directory, recursive=True)
+        try:
+            with self.fs.open_output_stream(tmp) as out:
+                pq.write_table(table, out, compression=self.compression)
+            self.fs.move(tmp, final)
+        except BaseException:
+            try:
+                self.fs.delete_file(tmp)
+            except (OSError, FileNotFoundError):
+                pass
+            raise
+        self.files_written += 1
+        logger.debug("wrote %d traffic records to %s", table.num_rows, final)
+        return table.num_rows
+
+    def close(self) -> None:
+        """Flush what is buffered; later `add` calls raise."""
+        if not self._closed:
+            self.flush()
+            self._closed = True
+
+    def __enter__(self) -> TrafficWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+@dataclass
+class TrafficScan:
+    """What a read found: the matching rows, how many files were read, and which were skipped."""
+
+    table: pa.Table
+    files_read: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    def records(self) -> Iterator[TrafficRecord]:
+        for row in self.table.to_pylist():
+            yield TrafficRecord.from_row(row)
+
+
+def _check_aware(name: str, t: dt.datetime | None) -> None:
+    if t is not None and t.tzinfo is None:
+        raise ValueError(f"{name} must be timezone-aware (e.g. datetime(..., tzinfo=timezone.utc))")
+
+
+def _list_files(fs: pafs.FileSystem, root: str) -> list[tuple[str, str]]:
+    """(path, path relative to root) of every visible .parquet file under root, sorted."""
+    selector = pafs.FileSelector(root, recursive=True, allow_not_found=True)
+    out = []
+    for info in fs.get_file_info(selector):
+        if info.type != pafs.FileType.File:
+            continue
+        rel = info.path[len(root):].lstrip("/")
+        if rel.endswith(".parquet") and not _hidden(rel):
+            out.append((info.path, rel))
+    return sorted(out)
+
+
+def _filter(table: pa.Table, since, until, equals: dict[str, str | None]) -> pa.Table:
+    ts = TRAFFIC_SCHEMA.field("created_at").type
+    conds = []
+    if since is not None:
+        conds.append(pc.greater_equal(table["created_at"], pa.scalar(since, type=ts)))
+    if until is not None:
+        conds.append(pc.less(table["created_at"], pa.scalar(until, type=ts)))
+    for col, value in equals.items():
+        if value is not None:
+            conds.append(pc.equal(table[col], value))
+    if not conds:
+        return table
+    mask = conds[0]
+    for c in conds[1:]:
+        mask = pc.and_(mask, c)
+    return table.filter(mask)
+
+
+def _iter_tables(uri, filesystem, since, until, equals, scan: TrafficScan) -> Iterator[pa.Table]:
+    _check_aware("since", since)
+    _check_aware("until", until)
+    fs, root = resolve_uri(uri, filesystem)
+    for path, rel in _list_files(fs, root):
+        hour = _partition_hour(rel)
+        # Partition pruning: a file in hour H only holds records from [H, H+1h).
+        if hour is not None and (
+            (since is not None and hour + dt.timedelta(hours=1) <= since)
+            or (until is not None and hour >= until)
+        ):
+            continue
+        try:
+            with fs.open_input_file(path) as f:
+                table = pq.read_table(f)
+            table = table.select(TRAFFIC_SCHEMA.names).cast(TRAFFIC_SCHEMA)
+        except Exception as e:  # one bad file must never stop a read
+            reason = f"{type(e).__name__}: {e}"
+            logger.warning(
+                "skipping unreadable traffic file %s (%s); it is corrupt, truncated or has the wrong "
+                "schema: move it out of the log or delete it", path, reason,
+            )
+            scan.skipped.append((path, reason))
+            continue
+        scan.files_read += 1
+        yield _filter(table, since, until, equals)
+
+
+def scan_traffic(
+    uri: str | os.PathLike,
+    *,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+    target_id: str | None = None,
+    target_revision: str | None = None,
+    tokenizer_hash: str | None = None,
+    filesystem: pafs.FileSystem | None = None,
+) -> TrafficScan:
+    """Read every complete file under `uri` into one table, reporting skipped files.
+
+    `since` is inclusive, `until` exclusive (both timezone-aware); the other
+    filters keep rows whose column equals the value. Files whose name (or a
+    parent folder's) starts with `.` or `_` are ignored; unreadable files are
+    skipped with a warning and listed in `.skipped`. A missing root reads as empty.
+    """
+    scan = TrafficScan(table=TRAFFIC_SCHEMA.empty_table())
+    equals = {"target_id": target_id, "target_revision": target_revision, "tokenizer_hash": tokenizer_hash}
+    tables = list(_iter_tables(uri, filesystem, since, until, equals, scan))
+    if tables:
+        scan.table = pa.concat_tables(tables)
+    return scan
+
+
+def read_traffic_table(uri: str | os.PathLike, **filters) -> pa.Table:
+    """`scan_traffic(uri, **filters).table` (use `scan_traffic` to see skipped files)."""
+    return scan_traffic(uri, **filters).table
+
+
+def read_traffic(
+    uri: str | os.PathLike,
+    *,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+    target_id: str | None = None,
+    target_revision: str | None = None,
+    tokenizer_hash: str | None = None,
+    filesystem: pafs.FileSystem | None = None,
+    scan: TrafficScan | None = None,
+) -> Iterator[TrafficRecord]:
+    """Iterate matching records file by file (same filters as `scan_traffic`).
+
+    Pass a `TrafficScan` as `scan` to collect `files_read` and `skipped`; its
+    `table` is left empty.
+    """
+    scan = scan if scan is not None else TrafficScan(table=TRAFFIC_SCHEMA.empty_table())
+    equals = {"target_id": target_id, "target_revision": target_revision, "tokenizer_hash": tokenizer_hash}
+    for table in _iter_tables(uri, filesystem, since, until, equals, scan):
+        for row in table.to_pylist():
+            yield TrafficRecord.from_row(row)
+
+
+# ---------------------------------------------------------------------------------------------
+# retention
+
+
+def apply_retention(
+    uri: str | os.PathLike,
+    *,
+    older_than_days: float,
+    now: dt.datetime | None = None,
+    filesystem: pafs.FileSystem | None = None,
+) -> list[str]:
+    """Delete every `date=` partition whose whole day ended more than `older_than_days` ago.
+
+    Returns the deleted directory paths. Folders that are not `date=YYYY-MM-DD` are left alone.
+    """
+    now = now or dt.datetime.now(UTC)
+    _check_aware("now", now)
+    cutoff = now - dt.timedelta(days=older_than_days)
+    fs, root = resolve_uri(uri, filesystem)
+    deleted = []
+    for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        name = info.base_name
+        if info.type != pafs.FileType.Directory or not name.startswith("date="):
+            continue
+        try:
+            day = dt.datetime.strptime(name[len("date="):], "%Y-%m-%d").replace(tzinfo=UTC)
+        except ValueError:
+            logger.debug("retention: ignoring %s (not date=YYYY-MM-DD)", info.path)
+            continue
+        if day + dt.timedelta(days=1) <= cutoff:
+            fs.delete_dir(info.path)
+            deleted.append(info.path)
+    if deleted:
+        logger.info("retention: deleted %d date partitions under %s", len(deleted), root)
+    return sorted(deleted)

@@ -1,0 +1,38 @@
+"""Suite-wide setup: offline, quiet, CPU; one local Ray cluster per session for the tests that ask for it."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster (dashboard on loopback, so the Jobs API works), shared by the session.
+
+    Logical CPUs exceed the 2 physical cores so that a Serve replica, the traffic logger and Ray Train
+    workers can be scheduled together, as on a real node with spare capacity.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=8,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            object_store_memory=300 * 1024 * 1024,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:  # Serve may never have started
+        pass
+    ray.shutdown()

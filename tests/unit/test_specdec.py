@@ -1,0 +1,222 @@
+"""The engine is lossless: greedy speculative output equals greedy autoregressive output token for token,
+and speculative sampling reproduces the target's distribution."""
+
+import pytest
+import torch
+
+from draftsmith.models import derive_drafter, tiny_model
+from draftsmith.sampling import SamplingParams
+from draftsmith.specdec import EngineConfig, Request, SpecEngine, runner_for
+
+PROMPTS = [[5, 6, 7], [10, 11, 12, 13, 14, 15], [3], [100, 101, 102, 103], [40, 41], [7] * 9]
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def drafters(target):
+    return {
+        "layer0": runner_for(None, derive_drafter(target, [0])),
+        "trimmed": runner_for(None, derive_drafter(target, [1], draft_vocab_ids=torch.arange(0, 259, 2))),
+        "self": runner_for(target.model),  # perfect drafter: everything accepted
+        "bad": runner_for(tiny_model(seed=123).model),  # unrelated random weights
+    }
+
+
+def engine(target, drafter, gamma, batch=8, **kwargs):
+    config = EngineConfig(num_speculative_tokens=gamma, max_batch_size=batch, **kwargs)
+    return SpecEngine(runner_for(target.model), drafter, config=config, eos_token_ids=[])
+
+
+def outputs(eng, prompts, **params):
+    results = eng.generate([Request(str(i), p, SamplingParams(**params)) for i, p in enumerate(prompts)])
+    return results
+
+
+@pytest.mark.parametrize("drafter_name", ["layer0", "trimmed", "self", "bad"])
+@pytest.mark.parametrize("gamma", [1, 3, 6])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_greedy_speculative_equals_autoregressive(target, drafters, drafter_name, gamma, batch):
+    expected = [r.output_token_ids for r in outputs(engine(target, None, 0), PROMPTS, max_tokens=24)]
+    got = outputs(engine(target, drafters[drafter_name], gamma, batch), PROMPTS, max_tokens=24)
+    assert [r.output_token_ids for r in got] == expected
+    drafted = sum(r.stats.drafted for r in got)
+    accepted = sum(r.stats.accepted for r in got)
+    assert drafted > 0
+    if drafter_name == "self":
+        assert accepted == drafted
+    if drafter_name == "bad":
+        assert accepted < drafted
+
+
+def test_greedy_matches_transformers_generate(target):
+    result = outputs(engine(target, None, 0), [PROMPTS[1]], max_tokens=20)[0]
+    with torch.no_grad():
+        reference = target.model.generate(torch.tensor([PROMPTS[1]]), max_new_tokens=20, do_sample=False,
+                                          eos_token_id=None, pad_token_id=0)
+    assert result.output_token_ids == reference[0, len(PROMPTS[1]):].tolist()
+
+
+def test_stats_follow_the_definitions(target, drafters):
+    results = outputs(engine(target, drafters["layer0"], 4), PROMPTS, max_tokens=30)
+    for r in results:
+        s = r.stats
+        assert s.compared <= s.drafted and s.accepted <= s.compared
+        assert s.token_acceptance >= s.acceptance_rate
+        assert 1.0 <= s.mean_accepted_length <= 5.0
+        assert len(r.output_token_ids) == 30 == len(r.accept_mask) == r.topk_ids.shape[0]
+        assert int(r.accept_mask.sum()) == s.accepted
+        assert s.emitted_in_steps + 1 == len(r.output_token_ids)  # the first token comes from the prefill
+
+
+def test_topk_logprobs_are_the_targets(target):
+    result = outputs(engine(target, None, 0, topk_logprobs=5), [PROMPTS[0]], max_tokens=3)[0]
+    ids = PROMPTS[0] + result.output_token_ids
+    with torch.no_grad():
+        logprobs = target.model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    expected = logprobs[len(PROMPTS[0]) - 1: len(ids) - 1].topk(5)
+    torch.testing.assert_close(result.topk_logprobs, expected.values, atol=1e-4, rtol=1e-4)
+    assert torch.equal(result.topk_ids, expected.indices)
+    assert result.topk_ids[:, 0].tolist() == result.output_token_ids  # greedy token is the top-1
+
+
+def test_kv_rollback_after_rejections_matches_a_fresh_prefill(target, drafters):
+    eng = engine(target, drafters["bad"], 4, batch=2)
+    eng.add_request(Request("a", PROMPTS[1], SamplingParams(max_tokens=40)))
+    for _ in range(4):
+        eng.step()
+    seq = eng.active[0]
+    assert seq.stats.drafted > seq.stats.accepted  # rejections happened, so stale entries were rolled back
+    fresh = engine(target, None, 0, batch=1)
+    prefix = seq.tokens[:-1]
+    fresh.target.forward(torch.tensor([prefix]), torch.arange(len(prefix))[None], fresh.target_cache, slice(0, 1))
+    n = seq.target_len
+    assert n == len(prefix)
+    torch.testing.assert_close(eng.target_cache.k[:, 0, :n], fresh.target_cache.k[:, 0, :n], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(eng.target_cache.v[:, 0, :n], fresh.target_cache.v[:, 0, :n], atol=1e-5, rtol=1e-4)
+
+
+def test_eos_stop_strings_and_max_tokens(target):
+    free = outputs(engine(target, None, 0), [PROMPTS[1]], max_tokens=12)[0]
+    eos = free.output_token_ids[4]
+    eng = SpecEngine(runner_for(target.model), None, config=EngineConfig(num_speculative_tokens=0), eos_token_ids=[eos])
+    stopped = eng.generate([Request("x", PROMPTS[1], SamplingParams(max_tokens=12))])[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.output_token_ids == free.output_token_ids[: free.output_token_ids.index(eos) + 1]
+    assert free.finish_reason == "length"
+    ids = stopped.output_token_ids[2:4]
+    stop_ids = outputs(engine(target, None, 0), [PROMPTS[1]], max_tokens=12, stop_token_ids=tuple(ids[:1]))[0]
+    assert stop_ids.finish_reason == "stop" and stop_ids.output_token_ids[-1] == ids[0]
+
+
+def test_stop_string_truncates_text_and_streaming_never_leaks_it(target, drafters):
+    tokenizer = target.tokenizer
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    base = SpecEngine(runner_for(target.model), drafters["layer0"], config=EngineConfig(num_speculative_tokens=3),
+                      decode=decode).generate([Request("a", PROMPTS[3], SamplingParams(max_tokens=30))])[0]
+    text = base.text
+    assert len(text) > 6
+    stop = text[4:6]
+    eng = SpecEngine(runner_for(target.model), drafters["layer0"], config=EngineConfig(num_speculative_tokens=3), decode=decode)
+    chunks = list(eng.stream(Request("b", PROMPTS[3], SamplingParams(max_tokens=30, stop=(stop,)))))
+    assert chunks[-1].finished and chunks[-1].result.finish_reason == "stop"
+    streamed = "".join(c.text_delta for c in chunks)
+    assert streamed == chunks[-1].result.text == text[: text.find(stop)]
+
+
+def test_continuous_admission_and_mixed_gammas(target, drafters):
+    expected = [r.output_token_ids for r in outputs(engine(target, None, 0), PROMPTS, max_tokens=16)]
+    eng = engine(target, drafters["layer0"], 4, batch=3)
+    requests = [Request(str(i), p, SamplingParams(max_tokens=16), num_speculative_tokens=i % 3)
+                for i, p in enumerate(PROMPTS)]
+    eng.add_request(requests[0])
+    finished = {}
+    pending = requests[1:]
+    while eng.has_work() or pending:
+        if pending:
+            eng.add_request(pending.pop(0))  # arrives while others are mid-decode
+        for out in eng.step():
+            if out.finished:
+                finished[out.request_id] = out.result.output_token_ids
+    assert [finished[str(i)] for i in range(len(PROMPTS))] == expected
+
+
+def test_drafter_swap_mid_generation_is_lossless(target, drafters):
+    expected = outputs(engine(target, None, 0), PROMPTS[:3], max_tokens=20)
+    eng = engine(target, drafters["layer0"], 3)
+    for i, p in enumerate(PROMPTS[:3]):
+        eng.add_request(Request(str(i), p, SamplingParams(max_tokens=20)))
+    results = {}
+    for step in range(100):
+        if step == 2:
+            eng.set_drafter(drafters["trimmed"], "v2")
+        for out in eng.step():
+            if out.finished:
+                results[out.request_id] = out.result
+        if not eng.has_work():
+            break
+    assert [results[str(i)].output_token_ids for i in range(3)] == [r.output_token_ids for r in expected]
+    assert {r.drafter_version for r in results.values()} == {"v2"}
+
+
+def test_request_validation_messages(target):
+    eng = engine(target, None, 0, max_model_len=64)
+    with pytest.raises(ValueError, match="exceeds the context of 64"):
+        eng.validate(Request("a", [1] * 60, SamplingParams(max_tokens=10)))
+    with pytest.raises(ValueError, match="empty"):
+        eng.validate(Request("a", [], SamplingParams()))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        eng.validate(Request("a", [10**6], SamplingParams(max_tokens=4)))
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+
+
+def _token_pair_distribution(target, prompt, top_k, temperature):
+    """Exact P(x2) = sum_x1 P(x1) P(x2 | x1) under top-k/temperature processing, from the target itself."""
+    from draftsmith.sampling import processed_probs
+
+    def probs(ids):
+        with torch.no_grad():
+            logits = target.model(torch.tensor(ids)).logits[:, -1:]
+        n = logits.shape[0]
+        return processed_probs(logits, torch.full((n,), temperature), torch.full((n,), top_k),
+                               torch.ones(n))[:, 0]
+
+    p1 = probs([prompt])[0]
+    support = p1.nonzero().flatten()
+    p2 = probs([prompt + [int(t)] for t in support])
+    return (p1[support, None] * p2).sum(0)
+
+
+def test_speculative_sampling_reproduces_the_target_distribution(target, drafters):
+    scipy_stats = pytest.importorskip("scipy.stats")
+    prompt, top_k, temperature, n = [5, 6, 7], 6, 1.3, 3000
+    expected = _token_pair_distribution(target, prompt, top_k, temperature)
+    eng = engine(target, drafters["layer0"], 3, batch=64)
+    results = eng.generate([Request(str(i), prompt, SamplingParams(max_tokens=3, temperature=temperature, top_k=top_k,
+                                                                     seed=i)) for i in range(n)])
+    # The second token is the first one decided by draft + verification (the first comes from the prefill).
+    observed = torch.bincount(torch.tensor([r.output_token_ids[1] for r in results]), minlength=expected.numel())
+    assert sum(r.stats.accepted for r in results) > 0 and sum(r.stats.drafted for r in results) > sum(
+        r.stats.accepted for r in results)  # both branches (accept and recover) were exercised
+    support = expected > 1e-9
+    assert observed[~support].sum() == 0
+    exp_counts = expected[support] * n
+    keep = exp_counts >= 5
+    obs = torch.cat([observed[support][keep], observed[support][~keep].sum()[None]]).double()
+    exp = torch.cat([exp_counts[keep], exp_counts[~keep].sum()[None]]).double()
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    exp = exp * obs.sum() / exp.sum()
+    _, p_value = scipy_stats.chisquare(obs.numpy(), exp.numpy(), sum_check=False)
+    assert p_value > 1e-3, f"speculative samples do not follow the target distribution (p={p_value:.2e})"
+
+
+def test_seeded_sampling_is_reproducible(target, drafters):
+    params = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=7)
+    a = outputs(engine(target, drafters["layer0"], 3), [PROMPTS[0]], **params.__dict__)[0]
+    b = outputs(engine(target, drafters["layer0"], 3), [PROMPTS[0]], **params.__dict__)[0]
+    assert a.output_token_ids == b.output_token_ids
