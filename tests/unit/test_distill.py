@@ -1,0 +1,207 @@
+"""Distillation core: batching, the student forward, losses on engine traffic, the trimmed head, weighting."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from draftsmith.distill import (
+    DistillConfig,
+    DistillStudent,
+    collate,
+    distill_loss,
+    make_optimizer,
+    student_logits,
+    train_step,
+)
+from draftsmith.models import derive_drafter, frequent_token_ids, tiny_model
+from pipelines.backfill import backfill, generate_records
+from pipelines.dataset import build_distill_dataset
+
+PROMPTS = ["hello there", "what is a cat?", "count to five", "tell me a story", "abc abc abc", "why?"]
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def records(target):
+    drafter = derive_drafter(target, "first1")
+    torch.set_num_threads(1)
+    return generate_records(target, drafter, PROMPTS, max_tokens=24, num_speculative_tokens=4, topk=8)
+
+
+def test_engine_records_are_served_traffic(records, target):
+    assert len(records) == len(PROMPTS)
+    r = records[0]
+    assert r.source == "served" and r.target_id == "tiny" and r.tokenizer_hash == target.tokenizer_hash
+    assert len(r.target_topk_ids) == len(r.output_token_ids) == len(r.accept_mask)
+    assert len(r.target_topk_ids[0]) == 8
+
+
+def test_collate_shapes_and_masks(records):
+    batch = collate(records[:3], max_seq_len=512)
+    b, t = batch.mask.shape
+    assert b == 3 and t == max(len(r.output_token_ids) for r in records[:3])
+    assert batch.topk_ids.shape == batch.topk_logprobs.shape == (3, t, 8)
+    for i, r in enumerate(records[:3]):
+        n, p = len(r.output_token_ids), len(r.prompt_token_ids)
+        assert batch.mask[i].sum() == n
+        assert batch.pred_positions[i, 0] == p - 1 and batch.pred_positions[i, n - 1] == p + n - 2
+        # teacher forcing: the token at position pred+1 is the output token being predicted
+        assert batch.input_ids[i, p - 1 + 1: p + n - 1].tolist() == r.output_token_ids[:-1]
+        assert batch.output_ids[i, :n].tolist() == r.output_token_ids
+    # padded positions carry a valid uniform distribution, never NaN
+    assert torch.isfinite(batch.topk_logprobs).all()
+    assert torch.allclose(batch.topk_logprobs[~batch.mask].exp().sum(-1), torch.ones(1))
+
+
+def test_collate_truncates_to_max_seq_len(records):
+    batch = collate(records, max_seq_len=16)
+    assert batch.input_ids.shape[1] <= 15
+    assert (batch.pred_positions < batch.input_ids.shape[1]).all()
+    assert batch.mask.sum(1).min() >= 1
+
+
+def test_student_logits_match_hf_forward(target, records):
+    drafter = derive_drafter(target, "first1")
+    batch = collate(records[:2])
+    logits = student_logits(drafter, batch)  # [B, T, V]
+    full = drafter.model(input_ids=batch.input_ids).logits
+    expected = full.gather(1, batch.pred_positions[..., None].expand(-1, -1, full.shape[-1]))
+    assert torch.allclose(logits[batch.mask], expected[batch.mask], atol=1e-4)
+
+
+def _train(student, batch, config, steps):
+    torch.manual_seed(config.seed)
+    opt = make_optimizer(student, config)
+    return [train_step(student, opt, batch, config)["loss"] for _ in range(steps)]
+
+
+@pytest.mark.parametrize("loss", ["fkl", "rkl", "jsd", "tvd"])
+def test_loss_decreases_on_engine_traffic(target, records, loss):
+    student = DistillStudent(derive_drafter(target, "first1"))
+    config = DistillConfig(loss=loss, lr=3e-3, batch_size=len(records))
+    history = _train(student, collate(records), config, 12)
+    assert history[-1] < 0.7 * history[0], history
+
+
+def test_embeddings_frozen_layers_trained(target, records):
+    student = DistillStudent(derive_drafter(target, "first1"))
+    embed = student.model.get_input_embeddings().weight.detach().clone()
+    layer = student.model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    _train(student, collate(records), DistillConfig(lr=1e-2), 2)
+    assert torch.equal(embed, student.model.get_input_embeddings().weight)
+    assert not torch.equal(layer, student.model.model.layers[0].mlp.down_proj.weight)
+
+
+def test_trimmed_head_trains_and_maps_ids(target, records):
+    ids = frequent_token_ids([r.output_token_ids for r in records], 64, always=target.eos_token_ids)
+    drafter = derive_drafter(target, "first1", draft_vocab_ids=ids)
+    student = DistillStudent(drafter)
+    batch = collate(records)
+    assert student_logits(student, batch).shape[-1] == ids.numel()
+    head_before = student.head.detach().clone()
+    history = _train(student, batch, DistillConfig(lr=3e-3), 10)
+    assert history[-1] < history[0]
+    assert not torch.equal(head_before, student.head.detach())
+    trained = student.to_drafter()
+    assert trained.head_weight.shape == (ids.numel(), target.model.config.hidden_size)
+    assert torch.equal(trained.head_token_ids, ids)
+
+
+def test_wrong_position_weighting_changes_the_loss(target, records):
+    student = DistillStudent(derive_drafter(target, "first1"))
+    batch = collate(records)
+    plain, stats = distill_loss(student, batch, DistillConfig())
+    weighted, _ = distill_loss(student, batch, DistillConfig(wrong_weight=5.0))
+    assert 0.0 <= stats["top1_match"] < 1.0  # some positions are wrong, some may be right
+    assert not math.isclose(plain.item(), weighted.item(), rel_tol=1e-6)
+
+
+def test_full_teacher_logits_path(target, records):
+    student = DistillStudent(derive_drafter(target, "first1"))
+    batch = collate(records)
+    config = DistillConfig(full_teacher_logits=True, lr=3e-3)
+    with pytest.raises(ValueError, match="target_model"):
+        distill_loss(student, batch, config)
+    opt = make_optimizer(student, config)
+    history = [train_step(student, opt, batch, config, target_model=target.model)["loss"] for _ in range(8)]
+    assert history[-1] < history[0]
+
+
+def test_layer_parallel_option_is_wired(target, records):
+    student = DistillStudent(derive_drafter(target, "first1"), layer_parallel_groups=1)
+    batch = collate(records[:2])
+    try:
+        import draftsmith.layer_parallel as lp  # noqa: F401
+        has_training_forward = hasattr(lp, "training_forward")
+    except ImportError:
+        has_training_forward = False
+    if not has_training_forward:
+        with pytest.raises(RuntimeError, match="layer_parallel_groups"):
+            student_logits(student, batch)
+    else:  # one layer per group is the ordinary forward
+        plain = student_logits(DistillStudent(derive_drafter(target, "first1")), batch)
+        assert torch.allclose(student_logits(student, batch)[batch.mask], plain[batch.mask], atol=1e-4)
+        grouped = DistillStudent(derive_drafter(target, [0, 1]), layer_parallel_groups=2)
+        loss, _ = distill_loss(grouped, batch, DistillConfig())
+        loss.backward()  # differentiable through the layer-parallel forward
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError, match="loss"):
+        DistillConfig(loss="mse")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        DistillConfig().lr = 1.0  # type: ignore[misc]
+
+
+def test_dataset_dedupes_and_splits_by_time(tmp_path, target, records):
+    from draftsmith.traffic import TrafficWriter
+
+    uri = str(tmp_path / "traffic")
+    with TrafficWriter(uri) as writer:
+        for r in records + records[:2]:  # two duplicates
+            writer.add(r)
+    (tmp_path / "traffic" / "date=2020-01-01" / "hour=00").mkdir(parents=True)
+    (tmp_path / "traffic" / "date=2020-01-01" / "hour=00" / "bad.parquet").write_bytes(b"not parquet")
+    data = build_distill_dataset(uri, target_id="tiny", target_revision=target.revision,
+                                 tokenizer_hash=target.tokenizer_hash, heldout_fraction=0.34)
+    s = data.stats
+    assert s["records_scanned"] == len(records) + 2 and s["duplicates"] == 2 and s["records"] == len(records)
+    assert s["heldout_records"] == math.ceil(len(records) * 0.34) and len(data.train) + len(data.heldout) == len(records)
+    assert len(s["skipped_files"]) == 1 and s["skipped_files"][0]["path"].endswith("bad.parquet")
+    assert s["output_tokens"] == sum(len(r.output_token_ids) for r in records)
+    assert max(data.train["created_at"]) <= min(data.heldout["created_at"])
+    assert collate(list(data.train)).mask.shape[0] == len(data.train)
+    other = build_distill_dataset(uri, target_id="tiny", target_revision=target.revision, tokenizer_hash="nope")
+    assert other.stats["records"] == 0
+
+
+def test_backfill_scores_conversations(tmp_path, target):
+    from draftsmith.traffic import scan_traffic
+
+    conversations = [
+        {"id": "a", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello!"},
+                                      {"from": "human", "value": "more"}, {"from": "gpt", "value": "sure thing"}]},
+        [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+        [{"role": "user", "content": "no reply"}],
+    ]
+    uri = str(tmp_path / "bf")
+    n = backfill(target, conversations, uri, max_output_tokens=6, topk=4, batch_size=2, all_turns=True,
+                 progress=False)
+    assert n == 3
+    rows = scan_traffic(uri).table.to_pylist()
+    assert {r["source"] for r in rows} == {"backfill"}
+    by_len = sorted(rows, key=lambda r: len(r["output_token_ids"]))
+    assert by_len[0]["output_token_ids"] == target.tokenizer("4")["input_ids"] + [target.tokenizer.eos_token_id]
+    assert by_len[-1]["finish_reason"] == "length" and len(by_len[-1]["output_token_ids"]) == 6
+    r = by_len[0]
+    assert not any(r["accept_mask"]) and r["drafter_version"] == ""
+    # one teacher-forced forward gives the same top-k as the model on the exact sequence
+    seq = torch.tensor([r["prompt_token_ids"] + r["output_token_ids"][:-1]])
+    logp = target.model(input_ids=seq).logits[0, len(r["prompt_token_ids"]) - 1:].log_softmax(-1)
+    assert torch.equal(logp.topk(4).indices, torch.tensor(r["target_topk_ids"]))
