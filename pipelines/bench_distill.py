@@ -1,0 +1,284 @@
+"""`draftsmith bench distill`: traffic -> distilled drafter -> held-out acceptance and speed, before vs after.
+
+    draftsmith bench distill --n 1000 --layers first2+last1 --draft-vocab-size 8192 --steps 600
+    draftsmith bench distill --in-process --n 200 --steps 100 --heldout jsonl:prompts.jsonl
+
+Steps: (1) backfill (default: one teacher-forced pass per ShareGPT train conversation) or generate
+(`--traffic generate`: the engine answers the first prompts) traffic into a fresh log; (2) derive the
+drafter from the target (`--layers`, `--draft-vocab-size` from the traffic's most frequent output
+tokens); (3) evaluate it on held-out prompts (`--heldout sharegpt|jsonl:PATH`, greedy, gamma 4)
+"before"; (4) distill it, in this process (`--in-process`, no Ray) or through Ray Train
+(`jobs.distill.run_distill`, the default; required for `--workers > 1`); (5) evaluate "after" and the
+target alone (autoregressive) in the same engine. Progress goes to stderr; the LAST stdout line is one
+JSON object (records, train_tokens, train_seconds, *_before / *_after, autoregressive_tok_s,
+speedup_after, the Leviathan predictions, ...).
+
+Not here: serving, the registry (no MLflow is needed), the trigger.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+logger = logging.getLogger("draftsmith.bench_distill")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="draftsmith bench distill", description=__doc__.split("\n\n")[0])
+    p.add_argument("--target", default="smollm2-135m-instruct", help="target model spec")
+    p.add_argument("--device", default="cpu")
+    # traffic
+    p.add_argument("--traffic", choices=["backfill", "generate"], default="backfill",
+                   help="score conversations (fast) or generate answers with the engine (slow on CPU)")
+    p.add_argument("--source", default="sharegpt", help="train conversations: sharegpt | jsonl:PATH")
+    p.add_argument("--n", type=int, default=1000, help="train conversations (at most)")
+    p.add_argument("--traffic-uri", help="reuse/extend this traffic log instead of a fresh temp one")
+    p.add_argument("--reuse-traffic", action="store_true", help="skip step 1 if --traffic-uri has records")
+    p.add_argument("--max-prompt-tokens", type=int, default=256)
+    p.add_argument("--max-output-tokens", type=int, default=256)
+    p.add_argument("--topk", type=int, default=8, help="target top-k logged per position")
+    p.add_argument("--backfill-batch-size", type=int, default=8)
+    # drafter design
+    p.add_argument("--layers", default="first2+last1", help="target layers kept (first2+last1, 0,1,29, ...)")
+    p.add_argument("--draft-vocab-size", type=int, default=None, help="trimmed head size (None: full vocab)")
+    p.add_argument("--loss", choices=["fkl", "rkl", "jsd", "tvd"], default="fkl")
+    p.add_argument("--jsd-beta", type=float, default=0.5)
+    p.add_argument("--wrong-weight", type=float, default=1.0, help="weight of mispredicted positions (OSD)")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs passes)")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=8, help="records per step (per worker)")
+    p.add_argument("--max-seq-len", type=int, default=512)
+    p.add_argument("--no-train-head", action="store_true", help="freeze the final norm and trimmed head")
+    # training backend
+    p.add_argument("--in-process", action="store_true", help="train here, no Ray (quick runs)")
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (> 1 implies Ray)")
+    p.add_argument("--strategy", choices=["ddp", "deepspeed"], default="ddp")
+    p.add_argument("--torch-threads", type=int, default=None)
+    p.add_argument("--state-dir", help="Ray Train storage (default: a temp dir)")
+    # evaluation
+    p.add_argument("--heldout", default="sharegpt", help="held-out prompts: sharegpt | jsonl:PATH")
+    p.add_argument("--heldout-n", type=int, default=32, help="held-out prompts")
+    p.add_argument("--gamma", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--eval-batch-size", type=int, default=8)
+    p.add_argument("--eval-max-prompt-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-drafter", help="write the distilled drafter directory here")
+    p.add_argument("--plot", help="write the before/after comparison PNG here")
+    args = p.parse_args(argv)
+    if args.workers > 1 and args.in_process:
+        p.error("--in-process trains in one process: drop it to use --workers > 1 (Ray Train)")
+    return args
+
+
+def _conversations(source: str, n: int, seed: int) -> list:
+    from draftsmith.datasets_io import read_chat_jsonl, sharegpt_split
+
+    if source == "sharegpt":
+        return sharegpt_split("train", n, seed)
+    if source.startswith("jsonl:"):
+        return list(read_chat_jsonl(source[len("jsonl:"):]))[:n]
+    raise ValueError(f"unknown conversation source {source!r}: use sharegpt or jsonl:PATH")
+
+
+def make_traffic(args, target, traffic_uri: str) -> int:
+    from draftsmith.traffic import scan_traffic
+    from pipelines.backfill import backfill, generate_traffic
+
+    if args.reuse_traffic:
+        existing = scan_traffic(traffic_uri, target_id=target.model_id).table.num_rows
+        if existing:
+            logger.info("reusing %d records in %s", existing, traffic_uri)
+            return existing
+    conversations = _conversations(args.source, args.n, args.seed)
+    if args.traffic == "backfill":
+        return backfill(target, conversations, traffic_uri, max_prompt_tokens=args.max_prompt_tokens,
+                        max_output_tokens=args.max_output_tokens, topk=args.topk,
+                        batch_size=args.backfill_batch_size)
+    from draftsmith.datasets_io import first_prompt_messages
+
+    def first_prompt(conversation):
+        if isinstance(conversation, dict):
+            return first_prompt_messages(conversation)
+        users = [i for i, m in enumerate(conversation) if m["role"] == "user"]
+        return conversation[: users[0] + 1] if users else []
+
+    prompts = [first_prompt(c) for c in conversations]
+    return generate_traffic(target, None, [p for p in prompts if p], traffic_uri,
+                            max_tokens=args.max_output_tokens, topk=args.topk,
+                            max_prompt_tokens=args.max_prompt_tokens, batch_size=args.backfill_batch_size)
+
+
+def train_in_process(args, drafter, train_dataset, target) -> tuple[object, dict]:
+    """Plain-torch distillation loop (the same train_step the Ray Train workers run)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from draftsmith.distill import DistillConfig, DistillStudent, collate, make_optimizer, train_step
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    config = DistillConfig(loss=args.loss, jsd_beta=args.jsd_beta, wrong_weight=args.wrong_weight, lr=args.lr,
+                           batch_size=args.batch_size, max_seq_len=args.max_seq_len, steps=args.steps,
+                           epochs=args.epochs, train_head=not args.no_train_head, seed=args.seed)
+    student = DistillStudent(drafter, train_head=config.train_head)
+    optimizer = make_optimizer(student, config)
+    n = len(train_dataset)
+    steps = config.steps or max(1, config.epochs * math.ceil(n / config.batch_size))
+    order: list[int] = []
+    rng = random.Random(config.seed)
+    pad_id = target.tokenizer.pad_token_id or 0
+    stats: dict = {}
+    tokens = 0.0
+    with tqdm(total=steps, desc="distill", unit="step", file=sys.stderr) as bar:
+        for step in range(steps):
+            if len(order) < config.batch_size:
+                epoch = list(range(n))
+                rng.shuffle(epoch)
+                order += epoch
+            batch_ids, order = order[: config.batch_size], order[config.batch_size:]
+            rows = train_dataset[batch_ids]
+            records = [dict(zip(rows, values)) for values in zip(*rows.values())]
+            batch = collate(records, max_seq_len=config.max_seq_len, pad_id=pad_id)
+            stats = train_step(student, optimizer, batch, config)
+            tokens += stats["tokens"]
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", top1=f"{stats['top1_match']:.2f}")
+    student.eval()
+    info = {"steps": steps, "train_tokens": int(tokens), "final_loss": stats.get("loss"),
+            "final_top1": stats.get("top1_match")}
+    return student.to_drafter("distilled"), info
+
+
+def train_with_ray(args, traffic_uri: str, state_dir: str, target) -> tuple[object, dict]:
+    from draftsmith.models import load_drafter
+    from jobs.distill import DistillJobConfig, run_distill
+
+    cfg = DistillJobConfig(
+        traffic_uri=traffic_uri, heldout_fraction=0.0, target=args.target, drafter=f"derived:{args.layers}",
+        draft_vocab_size=args.draft_vocab_size, loss=args.loss, jsd_beta=args.jsd_beta,
+        wrong_weight=args.wrong_weight, lr=args.lr, batch_size=args.batch_size, max_seq_len=args.max_seq_len,
+        steps=args.steps, epochs=args.epochs, train_head=not args.no_train_head, seed=args.seed,
+        num_workers=args.workers, strategy=args.strategy, torch_threads=args.torch_threads,
+        state_dir=state_dir, tracking_uri=None, register_challenger=False)
+    outcome = run_distill(cfg)
+    drafter = load_drafter(outcome.drafter_dir, target, version="distilled")
+    m = outcome.metrics
+    tokens = m.get("train_tokens", m.get("train_output_tokens", 0))
+    return drafter, {"steps": m.get("step"), "train_tokens": int(tokens), "final_loss": m.get("loss"), "final_top1": m.get("top1_match"), "ray_metrics": m}
+
+
+def predicted_speedup(alpha: float, gamma: int, cost_ratio: float, verify_cost: float = 1.0) -> float:
+    """Leviathan et al.: E = (1 - a^(g+1)) / (1 - a); S = E / (g*c + v) (v = 1 in the paper)."""
+    expected = gamma + 1 if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+    return expected / (gamma * cost_ratio + verify_cost)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    import torch
+
+    from draftsmith.datasets_io import load_prompt_source
+    from draftsmith.evaluation import evaluate_drafters, plot_comparison, prompts_from_messages
+    from draftsmith.models import derive_drafter, frequent_token_ids, load_model, save_drafter
+    from pipelines.dataset import build_distill_dataset
+
+    torch.manual_seed(args.seed)
+    started = time.perf_counter()
+    tmp = tempfile.TemporaryDirectory(prefix="draftsmith-bench-distill-")
+    traffic_uri = args.traffic_uri or str(Path(tmp.name) / "traffic")
+    target = load_model(args.target, device=args.device)
+    logger.info("target %s (%s), %d layers", target.model_id, target.revision,
+                target.model.config.num_hidden_layers)
+
+    t0 = time.perf_counter()
+    records = make_traffic(args, target, traffic_uri)
+    traffic_seconds = time.perf_counter() - t0
+    logger.info("%s: %d records in %.1f s", args.traffic, records, traffic_seconds)
+    data = build_distill_dataset(traffic_uri, target_id=target.model_id, target_revision=target.revision,
+                                 tokenizer_hash=target.tokenizer_hash, heldout_fraction=0.0)
+    if len(data.train) == 0:
+        raise SystemExit("no training records: check --source / --n")
+
+    vocab = None
+    if args.draft_vocab_size:
+        vocab = frequent_token_ids(data.train["output_token_ids"], args.draft_vocab_size,
+                                   always=target.eos_token_ids)
+    drafter = derive_drafter(target, args.layers, draft_vocab_ids=vocab)
+    messages = load_prompt_source(args.heldout, args.heldout_n, split="heldout")
+    prompts = prompts_from_messages(target.tokenizer, messages, args.eval_max_prompt_tokens)
+    logger.info("held-out: %d prompts from %s (%d tokens)", len(prompts), args.heldout,
+                sum(map(len, prompts)))
+    eval_kw = dict(gamma=args.gamma, max_new_tokens=args.max_new_tokens, temperatures=(0.0,), seed=args.seed,
+                   batch_size=args.eval_batch_size)
+    before = evaluate_drafters(target, {"before": drafter}, prompts, measure_autoregressive=False, **eval_kw)
+    logger.info("before distillation:\n%s", before.table())
+
+    t0 = time.perf_counter()
+    use_ray = not args.in_process
+    if use_ray:
+        state_dir = args.state_dir or str(Path(tmp.name) / "state")
+        trained, train_info = train_with_ray(args, traffic_uri, state_dir, target)
+    else:
+        trained, train_info = train_in_process(args, drafter, data.train, target)
+    train_seconds = time.perf_counter() - t0
+    logger.info("distilled in %.1f s (%s)", train_seconds, "Ray Train" if use_ray else "in process")
+
+    after = evaluate_drafters(target, {"after": trained}, prompts, **eval_kw)
+    logger.info("after distillation:\n%s", after.table())
+    if args.save_drafter:
+        save_drafter(trained, Path(args.save_drafter), target.tokenizer)
+    if args.plot:
+        after.drafters["before"] = before.drafters["before"]
+        plot_comparison(after, args.plot, names=["before", "after"])
+        del after.drafters["before"]
+
+    b, a, ar = before.get("before"), after.get("after"), after.autoregressive[0.0]
+    draft_params = sum(p.numel() for p in trained.model.model.layers.parameters())
+    target_params = sum(p.numel() for p in target.model.model.layers.parameters())
+    vocab_size = target.model.config.vocab_size
+    head = trained.head_token_ids.numel() if trained.head_token_ids is not None else vocab_size
+    # Cost ratio by parameters touched per token (decoder layers + head rows): a rough c for Leviathan.
+    hidden = target.model.config.hidden_size
+    cost_ratio = (draft_params + head * hidden) / (target_params + target.model.config.vocab_size * hidden)
+    result = {
+        "target": target.model_id, "device": args.device, "traffic": args.traffic, "records": records,
+        "train_records": len(data.train), "train_tokens": train_info["train_tokens"],
+        "traffic_seconds": round(traffic_seconds, 2), "train_seconds": round(train_seconds, 2),
+        "train_backend": f"ray_train({args.workers}x{args.strategy})" if use_ray else "in_process",
+        "steps": train_info["steps"], "final_loss": train_info["final_loss"],
+        "layers": drafter.meta["layers"], "draft_vocab_size": args.draft_vocab_size, "loss": args.loss,
+        "lr": args.lr, "gamma": args.gamma, "heldout": args.heldout, "heldout_prompts": len(prompts),
+        "max_new_tokens": args.max_new_tokens,
+        "token_acceptance_before": b.token_acceptance, "token_acceptance_after": a.token_acceptance,
+        "acceptance_rate_before": b.acceptance_rate, "acceptance_rate_after": a.acceptance_rate,
+        "mean_accepted_length_before": b.mean_accepted_length,
+        "mean_accepted_length_after": a.mean_accepted_length,
+        "speculative_tok_s_before": b.tok_s, "speculative_tok_s_after": a.tok_s,
+        "autoregressive_tok_s": ar.tok_s,
+        "speedup_before": b.tok_s / ar.tok_s if ar.tok_s else 0.0, "speedup_after": after.speedup("after"),
+        "cost_ratio_params": cost_ratio,
+        "predicted_speedup_leviathan": predicted_speedup(a.token_acceptance, args.gamma, cost_ratio),
+        "predicted_speedup_cpu_v1.36": predicted_speedup(a.token_acceptance, args.gamma, cost_ratio, 1.36),
+        "total_seconds": round(time.perf_counter() - started, 1),
+    }
+    result = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
+    tmp.cleanup()
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
