@@ -1,0 +1,122 @@
+"""The MLflow UI, driven by headless Chromium, shows a registered drafter, its `champion` alias and its metrics.
+
+A real MLflow server (the `mlflow_server` fixture: SQLite, proxied artifacts) gets a tiny drafter
+through `draftsmith.registry.DrafterRegistry`, promoted to champion. Chromium (Debian's `chromium`
+package, no PyPI driver, no downloaded browser) renders the React SPA with a virtual-time budget:
+`--dump-dom` gives the rendered DOM to assert on, `--screenshot` the pictures saved as test artifacts
+under test-artifacts/mlflow_ui/ (gitignored). Skipped when /usr/bin/chromium is missing
+(`apt-get install -y chromium`).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "test-artifacts" / "mlflow_ui"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-dev-shm-usage", "--hide-scrollbars"]
+ACCEPTANCE, TOKEN_ACCEPTANCE = 0.4321, 0.6125
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="headless Chromium not installed: apt-get install -y chromium "
+                                                     "(the browser test of the MLflow UI needs /usr/bin/chromium)"),
+]
+
+
+def _chromium(tmp_path: Path, url: str, *action: str, budget_ms: int,
+              size: str = "1400,900") -> subprocess.CompletedProcess:
+    profile = tmp_path / f"profile-{uuid.uuid4().hex[:6]}"  # fresh profile: no cache between pages
+    cmd = [str(CHROMIUM), *FLAGS, f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}",
+           f"--window-size={size}", *action, url]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, f"chromium exited {proc.returncode}: {proc.stderr[-2000:]}"
+    return proc
+
+
+def _visible_text(dom: str) -> str:
+    dom = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S | re.I)
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", dom)).split())
+
+
+def _render(tmp_path: Path, url: str, expected: list[str]) -> str:
+    """The page's rendered text once every expected string shows (a busy machine may need a longer budget)."""
+    text = ""
+    for budget_ms in (10_000, 20_000, 40_000):
+        text = _visible_text(_chromium(tmp_path, url, "--dump-dom", budget_ms=budget_ms).stdout)
+        if all(e in text for e in expected):
+            return text
+    missing = [e for e in expected if e not in text]
+    pytest.fail(f"{url} never showed {missing}; rendered text: {text[:1500]}")
+
+
+def _screenshot(tmp_path: Path, url: str, name: str, size: str = "1400,900") -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    out = ARTIFACTS / name
+    out.unlink(missing_ok=True)
+    _chromium(tmp_path, url, f"--screenshot={out}", budget_ms=15_000, size=size)
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000, f"{out} is not a rendered page screenshot"
+    return out
+
+
+@pytest.fixture
+def champion(mlflow_server, tmp_path):
+    """A tiny drafter registered on the test server with evaluation metrics, promoted to `champion`."""
+    import torch
+    import transformers
+
+    from draftsmith.registry import DrafterRegistry
+
+    drafter_dir = tmp_path / "drafter"
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(drafter_dir)
+    (drafter_dir / "draftsmith_drafter.json").write_text(json.dumps(
+        {"kind": "external", "target_id": "tiny-target", "target_revision": "r0", "tokenizer_hash": "abc123",
+         "layers": None, "draft_vocab_size": None, "parent_version": None}))
+    registry = DrafterRegistry(mlflow_server.url, model_name=f"draftsmith-drafter-ui-{uuid.uuid4().hex[:6]}")
+    version = registry.register_drafter(
+        drafter_dir, experiment="draftsmith-distill-ui", run_name="distill-ui-test",
+        tags={"target_id": "tiny-target", "loss": "fkl"},
+        metrics={"heldout_acceptance_rate": ACCEPTANCE, "heldout_token_acceptance": TOKEN_ACCEPTANCE},
+        params={"num_speculative_tokens": 4})
+    registry.promote(version.version, reason="browser test")
+    promoted = registry.get_version_by_alias("champion")
+    assert promoted is not None and promoted.version == version.version
+    experiment_id = registry.client.get_run(version.run_id).info.experiment_id
+    return registry, promoted, experiment_id
+
+
+def test_mlflow_ui_shows_champion_drafter_and_metrics(mlflow_server, champion, tmp_path):
+    registry, version, experiment_id = champion
+    name = registry.model_name
+
+    # The registered model's page: the version and its champion alias.
+    model_url = f"{mlflow_server.url}/#/models/{name}"
+    text = _render(tmp_path, model_url, [name, f"Version {version.version}", "champion"])
+    assert re.search(rf"Version {version.version}\b.*@ ?champion", text), \
+        f"the champion alias is not shown on version {version.version}: {text[:1500]}"
+    shot = _screenshot(tmp_path, model_url, "registered_model_champion.png")
+
+    # The models list links it too.
+    _render(tmp_path, f"{mlflow_server.url}/#/models", [name])
+
+    # The version's run: the evaluation metrics the gate reads.
+    run_url = f"{mlflow_server.url}/#/experiments/{experiment_id}/runs/{version.run_id}"
+    text = _render(tmp_path, run_url, ["heldout_acceptance_rate", str(ACCEPTANCE),
+                                       "heldout_token_acceptance", str(TOKEN_ACCEPTANCE)])
+    assert f"{name} v{version.version}" in text, "the run page should link the registered version"
+    run_shot = _screenshot(tmp_path, run_url, "drafter_run_metrics.png", size="1400,1500")  # metrics table
+    print(f"screenshots: {shot} {run_shot}")
