@@ -1,0 +1,300 @@
+"""The HTTP ingress (OpenAI API through FastAPI on Serve), the application builder and `draftsmith serve`.
+
+What it does: `build_app(args)` (Serve's application-builder pattern, used by `serve run
+serve.app:build_app ...` and `serve deploy infra/serve.yaml`) builds three deployments: the
+`Ingress` below, the `SpecPair` replicas (spec_pair.py) and the `TrafficLogger` (logger.py). The
+ingress tokenizes (the target's chat template for chat), validates (protocol.py), and calls the
+SpecPair through a DeploymentHandle, streaming with `handle.options(stream=True)`.
+
+Routes: POST /v1/completions, POST /v1/chat/completions (`stream: true` gives server-sent events),
+GET /v1/models, GET /health, GET /draftsmith/status (the answering replica's drafter, refusals,
+counters), POST /draftsmith/flush (write pending traffic records now).
+
+What it does not do: generation, batching, drafter swaps (spec_pair.py); Parquet (logger.py).
+"""
+
+import argparse
+import logging
+import os
+import sys
+import time
+import uuid
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve.config import ServeAppConfig, parse_app_args
+from serve.logger import TrafficLogger, logging_opted_out
+from serve.protocol import (
+    SSE_DONE,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ProtocolError,
+    chat_response,
+    completion_response,
+    error_body,
+    parse_request,
+    sse,
+    stream_chunk,
+)
+from serve.spec_pair import SpecPair
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "draftsmith"
+api = FastAPI(title="Draftsmith", description="OpenAI-compatible speculative-decoding endpoint.")
+
+
+@api.exception_handler(ProtocolError)
+async def _protocol_error(_: Request, error: ProtocolError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+    kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+    return JSONResponse(error_body(str(error.detail), kind), status_code=error.status_code)
+
+
+def load_tokenizer(spec: str):
+    """The target's tokenizer without loading its weights."""
+    from draftsmith import models
+    from draftsmith.tokenization import build_tiny_tokenizer
+
+    if spec == "tiny":
+        return build_tiny_tokenizer()
+    from transformers import AutoTokenizer
+
+    path, _, _ = models.resolve_model_path(spec)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _raise_if_error(result: dict, *, max_tokens_param: str) -> None:
+    error = result.get("error")
+    if error is None:
+        return
+    if error.get("type") == "server_error":
+        raise ProtocolError(500, error["message"], type="server_error")
+    param = max_tokens_param if "max_tokens" in error["message"] else None
+    raise ProtocolError(400, error["message"], param=param, code="context_length_exceeded" if param else None)
+
+
+@serve.deployment(name="Ingress", max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, pair: DeploymentHandle, config: dict):
+        self.cfg: ServeAppConfig = parse_app_args(config)
+        self.pair = pair
+        self.tokenizer = load_tokenizer(self.cfg.target)
+        self._info: dict | None = None
+
+    async def _engine_info(self) -> dict:
+        if self._info is None:
+            self._info = await self.pair.info.remote()
+        return self._info
+
+    def _check_auth(self, request: Request) -> None:
+        if self.cfg.auth_token and request.headers.get("authorization") != f"Bearer {self.cfg.auth_token}":
+            raise ProtocolError(401, "Missing or wrong API key: send `Authorization: Bearer <token>`.",
+                                type="authentication_error", code="invalid_api_key")
+
+    def _check_model(self, model: str) -> None:
+        if model != self.cfg.model_name:
+            raise ProtocolError(404, f"The model {model!r} does not exist; this server serves "
+                                     f"{self.cfg.model_name!r} (see GET /v1/models).",
+                                type="invalid_request_error", param="model", code="model_not_found")
+
+    # ----- routes ---------------------------------------------------------------------------------
+    @api.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def list_models(self, request: Request) -> dict:
+        self._check_auth(request)
+        return {"object": "list", "data": [{"id": self.cfg.model_name, "object": "model", "created": 0,
+                                            "owned_by": "draftsmith", "root": self.cfg.target}]}
+
+    @api.get("/draftsmith/status")
+    async def status(self, request: Request) -> dict:
+        self._check_auth(request)
+        return await self.pair.status.remote()
+
+    @api.post("/draftsmith/flush")
+    async def flush(self, request: Request) -> dict:
+        self._check_auth(request)
+        return await self.pair.flush_traffic.remote()
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        self._check_auth(request)
+        body = parse_request(await request.body(), CompletionRequest)
+        self._check_model(body.model)
+        if isinstance(body.prompt, str):
+            prompt_text, ids = body.prompt, self.tokenizer.encode(body.prompt)
+        else:
+            prompt_text, ids = None, list(body.prompt)
+        return await self._generate("completion", request, body, ids, prompt_text, body.max_tokens)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        self._check_auth(request)
+        body = parse_request(await request.body(), ChatCompletionRequest)
+        self._check_model(body.model)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            prompt_text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as error:  # noqa: BLE001  templates raise on role orders they do not support
+            raise ProtocolError(400, f"The messages do not fit the model's chat template: {error}",
+                                param="messages") from None
+        ids = self.tokenizer.encode(prompt_text, add_special_tokens=False)
+        return await self._generate("chat", request, body, ids, prompt_text, body.effective_max_tokens())
+
+    # ----- generation -----------------------------------------------------------------------------
+    async def _payload(self, request: Request, body, ids: list[int], prompt_text: str | None,
+                       max_tokens: int | None) -> dict:
+        info = await self._engine_info()
+        context = info["max_model_len"]
+        options = body.options
+        if len(ids) >= context:
+            raise ProtocolError(400, f"The prompt is {len(ids)} tokens long; this model's context is {context} "
+                                     "tokens: shorten the prompt.", param="messages" if prompt_text else "prompt",
+                                code="context_length_exceeded")
+        if options.num_speculative_tokens is not None and \
+                options.num_speculative_tokens > info["max_num_speculative_tokens"]:
+            raise ProtocolError(422, f"draftsmith.num_speculative_tokens must be <= "
+                                     f"{info['max_num_speculative_tokens']}.", param="draftsmith.num_speculative_tokens")
+        if max_tokens is None:
+            gamma = info["num_speculative_tokens"]
+            max_tokens = max(1, min(info["default_max_tokens"], context - len(ids) - gamma - 1))
+        return {
+            "request_id": uuid.uuid4().hex,
+            "prompt_token_ids": ids,
+            "prompt_text": prompt_text,
+            "max_tokens": max_tokens,
+            "temperature": body.temperature,
+            "top_p": body.top_p,
+            "stop": body.stop_list(),
+            "seed": body.seed,
+            "user": body.user,
+            "num_speculative_tokens": options.num_speculative_tokens,
+            "speculative": options.speculative,
+            "log": not logging_opted_out(request.headers, options.log),
+        }
+
+    async def _generate(self, kind: str, request: Request, body, ids, prompt_text, max_tokens):
+        payload = await self._payload(request, body, ids, prompt_text, max_tokens)
+        prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
+        request_id, created, model = prefix + payload["request_id"], int(time.time()), self.cfg.model_name
+        if not body.stream:
+            result = await self.pair.generate.remote(payload)
+            _raise_if_error(result, max_tokens_param="max_tokens")
+            build = chat_response if kind == "chat" else completion_response
+            return build(request_id, model, result["text"], result["finish_reason"], result["usage"],
+                         result["draftsmith"], created)
+        stream = self.pair.options(stream=True).generate_stream.remote(payload)
+        try:
+            first = await stream.__anext__()
+            _raise_if_error(first, max_tokens_param="max_tokens")
+        except BaseException:
+            stream.cancel()
+            raise
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(self._sse(kind, stream, first, request_id, model, created, include_usage),
+                                 media_type="text/event-stream")
+
+    async def _sse(self, kind: str, stream, first: dict, request_id: str, model: str, created: int,
+                   include_usage: bool) -> AsyncIterator[str]:
+        chunk, is_first = first, True
+        try:
+            while True:
+                if "error" in chunk:
+                    yield sse(chunk)
+                    break
+                final = "finish_reason" in chunk
+                if chunk["text"] or is_first or final:
+                    extra = {"draftsmith": chunk["draftsmith"]} if final else None
+                    yield sse(stream_chunk(kind, request_id, model, created, chunk["text"],
+                                           chunk.get("finish_reason"), first=is_first, extra=extra))
+                    is_first = False
+                if final:
+                    if include_usage:
+                        yield sse(stream_chunk(kind, request_id, model, created, None,
+                                               extra={"usage": chunk["usage"]}))
+                    break
+                chunk = await stream.__anext__()
+            yield SSE_DONE
+        finally:
+            stream.cancel()  # no-op when finished; frees the engine slot when the client disconnected
+
+
+# ----- building and running -----------------------------------------------------------------------
+def build_app(args: dict) -> serve.Application:
+    """Serve application builder: `args` are ServeAppConfig fields (or `config: path.yaml` + overrides)."""
+    cfg = parse_app_args(args)
+    if "://" not in cfg.traffic.uri:  # replicas may run elsewhere: pin the path as the builder sees it
+        cfg.traffic.uri = os.path.abspath(cfg.traffic.uri)
+    if cfg.drafter and not cfg.drafter.startswith(("derived:", "models:/")) and "://" not in cfg.drafter:
+        cfg.drafter = os.path.abspath(os.path.expanduser(cfg.drafter))
+    config = cfg.model_dump()
+    traffic_logger = None
+    if cfg.traffic.enabled:
+        t = cfg.traffic
+        traffic_logger = TrafficLogger.bind(t.uri, t.flush_every_records, t.flush_every_seconds)
+    pair = SpecPair.options(**cfg.spec_pair_options()).bind(config, traffic_logger)
+    return Ingress.options(num_replicas=cfg.ingress_replicas).bind(pair, config)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="draftsmith serve", description="Serve the OpenAI API with speculative "
+                                "decoding on a local Ray cluster (blocks until Ctrl-C).")
+    p.add_argument("--config", help="YAML: ServeAppConfig fields or a Serve config (infra/serve.yaml)")
+    p.add_argument("--target", help="target spec (tiny, smollm2-135m-instruct, HF dir, .gguf)")
+    p.add_argument("--drafter", help="drafter source: dir, derived:<layers>, models:/<name>@champion, none")
+    p.add_argument("--mlflow-tracking-uri")
+    p.add_argument("--traffic-uri", help="traffic log root (path or URI)")
+    p.add_argument("--num-speculative-tokens", type=int)
+    p.add_argument("--max-batch-size", type=int)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any config field, dotted (engine.max_model_len=1024); repeatable")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--address", default=None, help="Ray address (default: connect or start a local cluster)")
+    return p
+
+
+def args_from_cli(ns: argparse.Namespace) -> dict:
+    args: dict = {}
+    if ns.config:
+        args["config"] = ns.config
+    for key, value in [("target", ns.target), ("drafter", ns.drafter), ("mlflow_tracking_uri", ns.mlflow_tracking_uri),
+                       ("traffic.uri", ns.traffic_uri), ("engine.num_speculative_tokens", ns.num_speculative_tokens),
+                       ("engine.max_batch_size", ns.max_batch_size)]:
+        if value is not None:
+            args[key] = value
+    for item in ns.set:
+        key, _, value = item.partition("=")
+        args[key] = value
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = _parser().parse_args(argv)
+    import ray
+
+    app = build_app(args_from_cli(ns))  # validate the config before starting anything
+    if not ray.is_initialized():
+        ray.init(address=ns.address, configure_logging=False)
+    serve.start(http_options={"host": ns.host, "port": ns.port})
+    serve.run(app, name=APP_NAME, route_prefix="/")
+    print(f"Draftsmith serving on http://{ns.host}:{ns.port}/v1 (Ctrl-C to stop)", file=sys.stderr)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.delete(APP_NAME)
+    return 0

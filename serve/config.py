@@ -1,0 +1,200 @@
+"""Configuration of the Serve application: one pydantic model, loadable from YAML or Serve's `args:`.
+
+What it does: declares every knob of the serving application (target, drafter source, engine shape,
+traffic log, drafter polling, placement, autoscaling, auth) with a description, validates it, and
+turns the placement/autoscaling parts into the keyword arguments of `Deployment.options(...)`.
+
+What it does not do: build models or deployments (spec_pair.py, app.py do).
+
+`serve run serve.app:build_app target=tiny drafter=derived:first1` passes flat string arguments;
+`args: {config: infra/serve.yaml}` (or `config=...` on the command line) loads a YAML file whose
+top level is either this model or a Serve config (`applications: [{args: ...}]`); other arguments
+override the file's values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EngineSettings(_Section):
+    num_speculative_tokens: int = Field(4, ge=0, le=32, description="Tokens drafted per step (gamma) by default.")
+    max_batch_size: int = Field(8, ge=1, description="Sequences decoded together in one replica (slots).")
+    max_model_len: int = Field(2048, ge=16, description="Context length (prompt + output + speculation headroom).")
+    topk_logprobs: int = Field(8, ge=0, le=64, description="Target top-k log-probs logged per output position.")
+    seed: int = Field(0, description="Seed for requests that do not send one.")
+    max_num_speculative_tokens: int = Field(16, ge=0, description="Upper bound a request may ask for.")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens for chat requests that do not set it.")
+
+
+class TrafficSettings(_Section):
+    enabled: bool = Field(True, description="Log completed requests as TrafficRecords.")
+    uri: str = Field(".state/traffic", description="Traffic log root: a local path or any pyarrow/fsspec URI.")
+    flush_every_records: int = Field(256, ge=1, description="The writer flushes a file every N records...")
+    flush_every_seconds: float = Field(30.0, gt=0, description="...or every T seconds, whichever comes first.")
+    log_text: bool = Field(True, description="Keep prompt/output text; false applies traffic.drop_text.")
+    send_batch_size: int = Field(32, ge=1, description="Records a replica batches before sending to the logger.")
+    send_interval_seconds: float = Field(0.5, gt=0, description="Max delay before a replica sends its batch.")
+
+
+class PlacementSettings(_Section):
+    num_cpus: float = Field(1.0, ge=0, description="CPUs of the replica actor (must fit in the first bundle).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs of the replica actor (must fit in the first bundle).")
+    bundles: list[dict[str, float]] | None = Field(
+        None, description="Placement-group bundles per replica, e.g. [{CPU: 1, GPU: 1}, {GPU: 1}]: a pair owning "
+                          "several devices. None: no placement group.")
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Placement-group strategy for `bundles`.")
+    device: str = Field("auto", description="Torch device for the pair: auto (cuda when a GPU is assigned), cpu, cuda.")
+    torch_threads: int | None = Field(None, ge=1, description="torch.set_num_threads in the replica (None: leave).")
+
+    @model_validator(mode="after")
+    def _actor_fits_first_bundle(self):
+        if self.bundles:
+            first = self.bundles[0]
+            if self.num_cpus > first.get("CPU", 0) or self.num_gpus > first.get("GPU", 0):
+                raise ValueError(f"the replica actor (num_cpus={self.num_cpus}, num_gpus={self.num_gpus}) must fit "
+                                 f"in the first placement bundle {first}")
+        return self
+
+
+class AutoscalingSettings(_Section):
+    enabled: bool = Field(False, description="Use Serve autoscaling; false: a fixed `num_replicas`.")
+    num_replicas: int = Field(1, ge=1, description="Replicas when autoscaling is off.")
+    min_replicas: int = Field(1, ge=0, description="Autoscaling lower bound.")
+    max_replicas: int = Field(2, ge=1, description="Autoscaling upper bound.")
+    target_ongoing_requests: float = Field(8.0, gt=0, description="Requests per replica that autoscaling aims at.")
+    upscale_delay_s: float = Field(10.0, ge=0, description="How long demand must be high before scaling up.")
+    downscale_delay_s: float = Field(120.0, ge=0, description="How long demand must be low before scaling down.")
+
+
+class ServeAppConfig(BaseModel):
+    """Everything one Draftsmith serving application needs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_name: str = Field("draftsmith", description="The model name clients send (`model`) and /v1/models lists.")
+    target: str = Field("tiny", description="Target spec: tiny, smollm2-135m-instruct, an HF dir or a .gguf file.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype.")
+    drafter: str | None = Field(
+        "derived:first1", description="Drafter source: a local drafter dir (re-read when its contents change), "
+        "`derived:<layers>` (derived from the target at start), `models:/<name>@<alias>` (MLflow), or null.")
+    mlflow_tracking_uri: str | None = Field(None, description="MLflow tracking URI for a models:/ drafter source.")
+    mlflow_registry_uri: str | None = Field(None, description="MLflow registry URI (default: the tracking URI).")
+    drafter_poll_interval_s: float = Field(30.0, gt=0, description="Seconds between checks for a new drafter.")
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    traffic: TrafficSettings = Field(default_factory=TrafficSettings)
+    placement: PlacementSettings = Field(default_factory=PlacementSettings)
+    autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests Serve sends one SpecPair replica at once "
+                                      "(beyond max_batch_size they queue inside the engine).")
+    ingress_replicas: int = Field(1, ge=1, description="Replicas of the HTTP ingress deployment.")
+    auth_token: str | None = Field(None, description="If set, require `Authorization: Bearer <token>`.")
+
+    @field_validator("drafter")
+    @classmethod
+    def _drafter_source(cls, value: str | None) -> str | None:
+        if value in (None, "", "none", "null"):
+            return None
+        if value.startswith("derived:") and len(value) == len("derived:"):
+            raise ValueError("`derived:` needs a layer spec, e.g. derived:first2+last1 or derived:0,29")
+        return value
+
+    @model_validator(mode="after")
+    def _registry_needs_uri(self):
+        if self.drafter and self.drafter.startswith("models:/") and not self.mlflow_tracking_uri:
+            raise ValueError(f"drafter {self.drafter!r} is an MLflow URI: set mlflow_tracking_uri too")
+        return self
+
+    # ----- Serve options --------------------------------------------------------------------------
+    def spec_pair_options(self) -> dict[str, Any]:
+        """Keyword arguments for `SpecPair.options(...)`: resources, placement group, replicas."""
+        p, a = self.placement, self.autoscaling
+        options: dict[str, Any] = {
+            "ray_actor_options": {"num_cpus": p.num_cpus, "num_gpus": p.num_gpus},
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "user_config": {"drafter": self.drafter, "drafter_poll_interval_s": self.drafter_poll_interval_s},
+            # Loading a target can take a while (first SmolLM2 use converts its GGUF).
+            "health_check_timeout_s": 120,
+        }
+        if p.bundles:
+            options["placement_group_bundles"] = p.bundles
+            options["placement_group_strategy"] = p.strategy
+        if a.enabled:
+            options["autoscaling_config"] = {
+                "min_replicas": a.min_replicas,
+                "max_replicas": a.max_replicas,
+                "initial_replicas": max(a.min_replicas, 1),
+                "target_ongoing_requests": a.target_ongoing_requests,
+                "upscale_delay_s": a.upscale_delay_s,
+                "downscale_delay_s": a.downscale_delay_s,
+            }
+        else:
+            options["num_replicas"] = a.num_replicas
+        return options
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """`engine.max_batch_size=4` style keys (from `serve run ... key=value`) -> nested dicts."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        parts = key.split(".")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_yaml_args(path: str | Path) -> dict[str, Any]:
+    """The app args in a YAML file: either ServeAppConfig fields or a Serve config's first app `args`."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if "applications" in data:
+        apps = data["applications"]
+        if not apps:
+            raise ValueError(f"{path}: `applications` is empty")
+        data = apps[0].get("args", {}) or {}
+    return data
+
+
+def parse_app_args(args: dict[str, Any] | ServeAppConfig | None) -> ServeAppConfig:
+    """Serve `args` (possibly flat strings from the command line, possibly `config: file.yaml`) -> config."""
+    if isinstance(args, ServeAppConfig):
+        return args
+    args = dict(args or {})
+    base: dict[str, Any] = {}
+    if "config" in args:
+        base = load_yaml_args(args.pop("config"))
+    merged = _merge(base, _nest(args))
+    # `serve run` passes every value as a string; YAML-parse them so `engine.max_batch_size=4` is an int.
+    return ServeAppConfig.model_validate(_coerce_strings(merged))
+
+
+def _coerce_strings(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _coerce_strings(v) for k, v in node.items()}
+    if isinstance(node, str) and node and node[0] in "0123456789-.tfnTFN[{":
+        try:
+            value = yaml.safe_load(node)
+        except yaml.YAMLError:
+            return node
+        return value if isinstance(value, (int, float, bool, list, dict)) or value is None else node
+    return node

@@ -1,0 +1,134 @@
+"""The traffic logger on the Serve side: records built in the replica, written by one logger actor.
+
+What it does: turns a finished `GenerationResult` into a `TrafficRecord` (`record_from_result`, pure),
+decides per request whether it may be logged (`logging_opted_out`, pure), and runs `TrafficLogger`,
+a Serve deployment (one Ray actor managed by Serve, so it lives and dies with the application) that
+wraps `draftsmith.traffic.TrafficWriter`: replicas send it batches fire-and-forget, it buffers them
+and writes hour-partitioned Parquet files every N records or T seconds from a background task, off
+every request path.
+
+What it does not do: Parquet layout, atomic renames and reading (draftsmith.traffic), redaction
+policy beyond applying the configured hook (the replica applies `drop_text` before sending, so text
+a deployment must not keep never leaves the replica).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from typing import Any, Mapping
+
+from ray import serve
+
+from draftsmith.traffic import TrafficRecord, TrafficWriter
+
+logger = logging.getLogger(__name__)
+
+NO_LOG_HEADER = "x-draftsmith-no-log"
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def logging_opted_out(headers: Mapping[str, str], log_field: bool | None) -> bool:
+    """True if the request asked not to be logged: `draftsmith.log: false` or `X-Draftsmith-No-Log: 1`."""
+    if log_field is False:
+        return True
+    value = next((v for k, v in headers.items() if k.lower() == NO_LOG_HEADER), None)
+    return value is not None and value.strip().lower() in _TRUE
+
+
+def record_from_result(result, *, target_id: str, target_revision: str, tokenizer_hash: str,
+                       params, num_speculative_tokens: int, prompt_text: str | None = None,
+                       user: str | None = None, created_at: dt.datetime | None = None) -> TrafficRecord:
+    """One TrafficRecord from a specdec.GenerationResult and the request's sampling params."""
+    drafter_version = result.drafter_version if result.drafter_version not in (None, "none") else ""
+    return TrafficRecord(
+        request_id=result.request_id,
+        created_at=created_at or dt.datetime.now(dt.timezone.utc),
+        source="served",
+        target_id=target_id,
+        target_revision=target_revision,
+        tokenizer_hash=tokenizer_hash,
+        drafter_version=drafter_version,
+        temperature=float(params.temperature),
+        top_p=float(params.top_p),
+        top_k=int(params.top_k),
+        max_tokens=int(params.max_tokens),
+        seed=params.seed,
+        num_speculative_tokens=int(num_speculative_tokens) if drafter_version else 0,
+        prompt_token_ids=[int(t) for t in result.prompt_token_ids],
+        output_token_ids=[int(t) for t in result.output_token_ids],
+        target_topk_ids=result.topk_ids.tolist(),  # [n_out][k]
+        target_topk_logprobs=result.topk_logprobs.float().tolist(),  # [n_out][k]
+        accept_mask=[bool(x) for x in result.accept_mask.tolist()],  # [n_out]
+        drafted=int(result.stats.drafted),
+        accepted=int(result.stats.accepted),
+        compared=int(result.stats.compared),
+        finish_reason=result.finish_reason,
+        prompt_text=prompt_text,
+        output_text=result.text,
+        user=user,
+    )
+
+
+class TrafficLoggerImpl:
+    """Buffers records from every replica and writes them with one TrafficWriter (Ray-free core)."""
+
+    def __init__(self, uri: str, *, flush_every_records: int = 256, flush_every_seconds: float = 30.0):
+        self.writer = TrafficWriter(uri, flush_every_records=flush_every_records,
+                                    flush_every_seconds=flush_every_seconds)
+        self.received = 0
+        self.failed_flushes = 0
+
+    def _add_all(self, records: list[TrafficRecord]) -> None:
+        for record in records:
+            self.writer.add(record)  # thread-safe; flushes by itself when N records are buffered
+
+    async def log_batch(self, records: list[TrafficRecord]) -> int:
+        self.received += len(records)
+        try:
+            await asyncio.to_thread(self._add_all, records)  # a flush writes Parquet: keep it off the loop
+        except Exception:  # noqa: BLE001  the records stay buffered; the next flush retries
+            self.failed_flushes += 1
+            logger.exception("traffic flush to %s failed; records stay buffered", self.writer.root)
+        return len(records)
+
+    async def maybe_flush(self) -> None:
+        try:
+            await asyncio.to_thread(self.writer.maybe_flush)
+        except Exception:  # noqa: BLE001
+            self.failed_flushes += 1
+            logger.exception("traffic flush to %s failed; records stay buffered", self.writer.root)
+
+    async def flush(self) -> dict[str, Any]:
+        await asyncio.to_thread(self.writer.flush)
+        return self.stats()
+
+    def stats(self) -> dict[str, Any]:
+        w = self.writer
+        return {"received": self.received, "written": w.records_written, "buffered": w.records_buffered,
+                "files": w.files_written, "dropped": w.records_dropped, "failed_flushes": self.failed_flushes,
+                "uri": w.root}
+
+
+@serve.deployment(name="TrafficLogger", num_replicas=1, max_ongoing_requests=1000,
+                  ray_actor_options={"num_cpus": 0})
+class TrafficLogger(TrafficLoggerImpl):
+    """The logger actor: `log_batch` (fire-and-forget from replicas), `flush()`, `stats()`."""
+
+    def __init__(self, uri: str, flush_every_records: int = 256, flush_every_seconds: float = 30.0):
+        super().__init__(uri, flush_every_records=flush_every_records, flush_every_seconds=flush_every_seconds)
+        self._tick = min(1.0, flush_every_seconds / 2)
+        self._task = asyncio.get_event_loop().create_task(self._flush_loop())
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._tick)
+            await self.maybe_flush()  # the time-based flush, even when no new records arrive
+
+    def __del__(self):
+        self._task.cancel()
+        try:
+            self.writer.flush()
+        except Exception:  # noqa: BLE001
+            logger.exception("final traffic flush failed")

@@ -1,0 +1,184 @@
+"""The pure parts of serve/: request validation, error bodies, SSE formatting, opt-out, config, records."""
+
+import json
+
+import pytest
+import torch
+
+from serve.config import ServeAppConfig, parse_app_args
+from serve.logger import logging_opted_out, record_from_result
+from serve.protocol import (
+    SSE_DONE,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ProtocolError,
+    parse_request,
+    parse_sse,
+    sse,
+    stream_chunk,
+)
+
+
+def _body(**fields) -> bytes:
+    return json.dumps({"model": "draftsmith", **fields}).encode()
+
+
+def test_valid_completion_request_defaults():
+    req = parse_request(_body(prompt="hi"), CompletionRequest)
+    assert req.max_tokens == 16 and req.temperature == 1.0 and req.n == 1 and req.stop_list() == []
+    assert req.options.speculative and req.options.log and req.options.num_speculative_tokens is None
+
+
+def test_extension_and_stop_forms():
+    req = parse_request(_body(prompt=["one"], stop="\n", temperature=0, seed=3,
+                              draftsmith={"num_speculative_tokens": 2, "speculative": False, "log": False}),
+                        CompletionRequest)
+    assert req.prompt == "one" and req.stop_list() == ["\n"] and req.temperature == 0.0
+    assert req.options.num_speculative_tokens == 2 and not req.options.speculative and not req.options.log
+    chat = parse_request(_body(messages=[{"role": "user", "content": [{"type": "text", "text": "a"}]}],
+                               max_completion_tokens=5, stop=["x", "y"]), ChatCompletionRequest)
+    assert chat.messages[0].text() == "a" and chat.effective_max_tokens() == 5 and chat.stop_list() == ["x", "y"]
+
+
+@pytest.mark.parametrize("body, status, fragment", [
+    (b'{"model": "draftsmith", "prompt": ', 400, "not valid JSON"),
+    (b"", 400, "empty"),
+    (b"[1, 2]", 400, "JSON object"),
+    (b'{"model": "draftsmith", "prompt": "\xff\xfe"}', 400, "UTF-8"),
+    (_body(), 422, "prompt: required field is missing"),
+    (b'{"prompt": "x"}', 422, "model: required field is missing"),
+    (_body(prompt="x", max_tokens="ten"), 422, "max_tokens"),
+    (_body(prompt="x", max_tokens="10"), 422, "max_tokens"),  # strict: no string -> int coercion
+    (_body(prompt="x", max_tokens=0), 422, "greater than 0"),
+    (_body(prompt="x", max_tokens=-3), 422, "max_tokens"),
+    (_body(prompt="x", temperature=5), 422, "temperature"),
+    (_body(prompt="x", n=2), 422, "only n=1"),
+    (_body(prompt="x", stop=["a", ""]), 422, "stop"),
+    (_body(prompt=["a", "b"]), 422, "one prompt"),
+    (_body(prompt="x", draftsmith={"num_speculative_tokens": -1}), 422, "num_speculative_tokens"),
+    (_body(prompt="x", draftsmith={"bogus": 1}), 422, "bogus"),
+])
+def test_bad_completion_requests(body, status, fragment):
+    with pytest.raises(ProtocolError) as caught:
+        parse_request(body, CompletionRequest)
+    error = caught.value
+    assert error.status == status
+    assert fragment in error.message, error.message
+    payload = error.body()["error"]
+    assert set(payload) == {"message", "type", "param", "code"} and payload["type"] == "invalid_request_error"
+
+
+def test_bad_chat_requests_name_the_field():
+    with pytest.raises(ProtocolError) as caught:
+        parse_request(_body(messages=[]), ChatCompletionRequest)
+    assert caught.value.param == "messages"
+    with pytest.raises(ProtocolError) as caught:
+        parse_request(_body(messages=[{"role": "wizard", "content": "x"}]), ChatCompletionRequest)
+    assert "messages.0.role" in caught.value.message
+
+
+def test_sse_roundtrip_and_chunks():
+    chunk = stream_chunk("chat", "id1", "m", 7, "hé", first=True)
+    assert chunk["choices"][0]["delta"] == {"role": "assistant", "content": "hé"}
+    assert chunk["object"] == "chat.completion.chunk"
+    event = sse(chunk)
+    assert event.startswith("data: {") and event.endswith("\n\n") and "\n" not in event[:-2]
+    usage = stream_chunk("completion", "id1", "m", 7, None, extra={"usage": {"total_tokens": 3}})
+    assert usage["choices"] == [] and usage["usage"] == {"total_tokens": 3}
+    assert parse_sse(event + sse(usage) + SSE_DONE) == [chunk, usage, "[DONE]"]
+
+
+def test_opt_out():
+    assert logging_opted_out({}, False)
+    assert logging_opted_out({"X-Draftsmith-No-Log": "1"}, None)
+    assert logging_opted_out({"x-draftsmith-no-log": "true"}, True)
+    assert not logging_opted_out({"X-Draftsmith-No-Log": "0"}, True)
+    assert not logging_opted_out({}, None)
+
+
+def test_config_from_flat_strings_and_yaml(tmp_path):
+    cfg = parse_app_args({"target": "tiny", "engine.max_batch_size": "4", "drafter": "none",
+                          "autoscaling.enabled": "true"})
+    assert cfg.engine.max_batch_size == 4 and cfg.drafter is None
+    options = cfg.spec_pair_options()
+    assert options["autoscaling_config"]["max_replicas"] == 2 and "num_replicas" not in options
+    path = tmp_path / "serve.yaml"
+    path.write_text("applications:\n- name: x\n  import_path: serve.app:build_app\n  args:\n"
+                    "    target: tiny\n    placement: {bundles: [{CPU: 1}, {CPU: 1}], strategy: SPREAD}\n")
+    cfg = parse_app_args({"config": str(path), "model_name": "m"})
+    assert cfg.model_name == "m"
+    assert cfg.spec_pair_options()["placement_group_bundles"] == [{"CPU": 1}, {"CPU": 1}]
+    with pytest.raises(ValueError, match="mlflow_tracking_uri"):
+        ServeAppConfig(drafter="models:/d@champion")
+    with pytest.raises(ValueError, match="first placement bundle"):
+        ServeAppConfig(placement={"num_cpus": 2, "bundles": [{"CPU": 1}]})
+
+
+def test_record_from_result():
+    from draftsmith.sampling import SamplingParams
+    from draftsmith.specdec import GenerationResult, RequestStats
+
+    result = GenerationResult(
+        request_id="r1", prompt_token_ids=[1, 2], output_token_ids=[3, 4, 5], finish_reason="length",
+        text="abc", topk_ids=torch.tensor([[3, 9], [4, 9], [5, 9]]), topk_logprobs=torch.zeros(3, 2),
+        accept_mask=torch.tensor([False, True, False]), stats=RequestStats(drafted=4, accepted=1, compared=2),
+        drafter_version="v7")
+    record = record_from_result(result, target_id="tiny", target_revision="seed0", tokenizer_hash="h",
+                                params=SamplingParams(max_tokens=3, seed=5), num_speculative_tokens=4,
+                                prompt_text="p", user="u")
+    assert record.drafter_version == "v7" and record.accept_mask == [False, True, False]
+    assert record.target_topk_ids == [[3, 9], [4, 9], [5, 9]] and record.seed == 5 and record.user == "u"
+    assert record.drafted == 4 and record.num_speculative_tokens == 4 and record.output_text == "abc"
+    result.drafter_version = "none"
+    plain = record_from_result(result, target_id="tiny", target_revision="seed0", tokenizer_hash="h",
+                               params=SamplingParams(max_tokens=3), num_speculative_tokens=4)
+    assert plain.drafter_version == "" and plain.num_speculative_tokens == 0
+
+
+def test_engine_catch_up_near_the_cache_end():
+    """Regression found by `bench serve`: admitting a long prompt next to a sequence deep into its output made
+    the drafter catch-up write padding past the cache end (IndexError); fixed in specdec._catch_up_drafter."""
+    from draftsmith import models
+    from draftsmith.sampling import SamplingParams
+    from draftsmith.specdec import EngineConfig, Request, SpecEngine, runner_for
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops on a busy 2-core machine: 1 thread is ~15x faster than 2
+    try:
+        _catch_up_case(models, SamplingParams, EngineConfig, Request, SpecEngine, runner_for)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _catch_up_case(models, SamplingParams, EngineConfig, Request, SpecEngine, runner_for):
+    target = models.tiny_model()
+    drafter = models.derive_drafter(target, [0])
+    config = EngineConfig(max_batch_size=2, max_model_len=128, num_speculative_tokens=3)
+    engine = SpecEngine(runner_for(target.model), runner_for(None, drafter), config=config, eos_token_ids=())
+    first = Request("a", list(range(3, 23)), SamplingParams(max_tokens=90, ignore_eos=True))
+    second = Request("b", list(range(3, 100)), SamplingParams(max_tokens=20, ignore_eos=True))
+    engine.add_request(first)
+    for _ in range(12):
+        engine.step()
+    engine.add_request(second)
+    outputs = {}
+    while engine.has_work():
+        outputs.update({o.request_id: o.result.output_token_ids for o in engine.step() if o.finished})
+    plain = SpecEngine(runner_for(target.model), None, config=config, eos_token_ids=())
+    expected = plain.generate([Request("a", first.prompt_token_ids, first.params),
+                               Request("b", second.prompt_token_ids, second.params)])
+    assert outputs == {"a": expected[0].output_token_ids, "b": expected[1].output_token_ids}
+
+
+def test_bearer_auth_is_optional():
+    from types import SimpleNamespace
+
+    from serve.app import Ingress
+
+    check = Ingress.func_or_class._check_auth
+    request = SimpleNamespace(headers={"authorization": "Bearer secret"})
+    check(SimpleNamespace(cfg=SimpleNamespace(auth_token=None)), SimpleNamespace(headers={}))  # off by default
+    check(SimpleNamespace(cfg=SimpleNamespace(auth_token="secret")), request)
+    with pytest.raises(ProtocolError) as caught:
+        check(SimpleNamespace(cfg=SimpleNamespace(auth_token="other")), request)
+    assert caught.value.status == 401 and caught.value.type == "authentication_error"
