@@ -89,6 +89,7 @@ class Ingress:
     def __init__(self, pair: DeploymentHandle, config: dict):
         self.cfg: ServeAppConfig = parse_app_args(config)
         self.pair = pair
+        self._token = self.cfg.bearer_token()
         self.tokenizer = load_tokenizer(self.cfg.target)
         self._info: dict | None = None
 
@@ -98,7 +99,7 @@ class Ingress:
         return self._info
 
     def _check_auth(self, request: Request) -> None:
-        if self.cfg.auth_token and request.headers.get("authorization") != f"Bearer {self.cfg.auth_token}":
+        if self._token and request.headers.get("authorization") != f"Bearer {self._token}":
             raise ProtocolError(401, "Missing or wrong API key: send `Authorization: Bearer <token>`.",
                                 type="authentication_error", code="invalid_api_key")
 

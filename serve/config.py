@@ -14,6 +14,8 @@ override the file's values.
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 from typing import Any, Literal
 
@@ -98,6 +100,17 @@ class ServeAppConfig(BaseModel):
                                       "(beyond max_batch_size they queue inside the engine).")
     ingress_replicas: int = Field(1, ge=1, description="Replicas of the HTTP ingress deployment.")
     auth_token: str | None = Field(None, description="If set, require `Authorization: Bearer <token>`.")
+    auth_token_env: str | None = Field(None, description="Name of an environment variable holding the bearer "
+                                       "token (a Kubernetes Secret); keeps the token out of config files.")
+
+    def bearer_token(self) -> str | None:
+        """The token requests must present, from `auth_token` or the `auth_token_env` variable."""
+        if self.auth_token_env:
+            token = os.environ.get(self.auth_token_env)
+            if not token:
+                raise ValueError(f"auth_token_env names {self.auth_token_env!r}, which is not set in the environment")
+            return token
+        return self.auth_token
 
     @field_validator("drafter")
     @classmethod

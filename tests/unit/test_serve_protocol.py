@@ -170,15 +170,22 @@ def _catch_up_case(models, SamplingParams, EngineConfig, Request, SpecEngine, ru
     assert outputs == {"a": expected[0].output_token_ids, "b": expected[1].output_token_ids}
 
 
-def test_bearer_auth_is_optional():
+def test_bearer_auth_is_optional(monkeypatch):
     from types import SimpleNamespace
 
     from serve.app import Ingress
+    from serve.config import ServeAppConfig
 
     check = Ingress.func_or_class._check_auth
     request = SimpleNamespace(headers={"authorization": "Bearer secret"})
-    check(SimpleNamespace(cfg=SimpleNamespace(auth_token=None)), SimpleNamespace(headers={}))  # off by default
-    check(SimpleNamespace(cfg=SimpleNamespace(auth_token="secret")), request)
+    check(SimpleNamespace(_token=ServeAppConfig(target="tiny").bearer_token()), SimpleNamespace(headers={}))  # off
+    check(SimpleNamespace(_token="secret"), request)
+    monkeypatch.setenv("DRAFTSMITH_TEST_TOKEN", "secret")
+    from_env = ServeAppConfig(target="tiny", auth_token_env="DRAFTSMITH_TEST_TOKEN").bearer_token()
+    check(SimpleNamespace(_token=from_env), request)  # the token can come from a Secret's env var
+    monkeypatch.delenv("DRAFTSMITH_TEST_TOKEN")
+    with pytest.raises(ValueError, match="DRAFTSMITH_TEST_TOKEN"):
+        ServeAppConfig(target="tiny", auth_token_env="DRAFTSMITH_TEST_TOKEN").bearer_token()
     with pytest.raises(ProtocolError) as caught:
-        check(SimpleNamespace(cfg=SimpleNamespace(auth_token="other")), request)
+        check(SimpleNamespace(_token="other"), request)
     assert caught.value.status == 401 and caught.value.type == "authentication_error"
