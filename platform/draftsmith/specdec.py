@@ -377,7 +377,8 @@ class SpecEngine:
         # A layer-parallel drafter's cache is exact only up to drafter_len: the first forward recomputes every
         # later token sequentially (KV calibration, see layer_parallel.py), the other draft forwards are fuzzy.
         calibrate = getattr(drafter.layer_executor, "approximate", False)
-        self._catch_up_drafter(seqs, rows, max_lag=min(gamma, min(len(s.tokens) for s in seqs) - 1) if calibrate else 1)
+        max_lag = min(gamma, min(len(s.tokens) for s in seqs) - 1) if calibrate else 1
+        self._catch_up_drafter(seqs, rows, max_lag=max_lag)
         # Every row now lacks at most max_lag + 1 tokens; feed a window of the last `width` tokens (re-feeding an
         # already cached token rewrites its KV entry with the same values, which keeps the batch rectangular).
         width = max(len(s.tokens) - s.drafter_len for s in seqs)
@@ -425,6 +426,8 @@ class SpecEngine:
         starts = torch.tensor([s.drafter_len for s in seqs], device=device)
         positions = starts[:, None] + torch.arange(width, device=device)[None]
         # Rows with a shorter lag write padding past their length: never read before being overwritten.
+        # Clamp so that padding never indexes past the cache (real positions stay <= max_len - 2).
+        positions = positions.clamp(max=self.max_len - 1)
         self.drafter.hidden_states(ids.to(device), positions, self.drafter_cache, rows, exact=True)
         for s in seqs:
             s.drafter_len = len(s.tokens) - 1
