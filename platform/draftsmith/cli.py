@@ -15,6 +15,10 @@ import sys
 RAY_COMMANDS = {
     ("serve",): "serve.app:main",
     ("distill",): "jobs.distill:main",
+    ("evaluate",): "jobs.evaluate:main",
+    ("promote",): "jobs.promote:main",
+    ("trigger",): "pipelines.trigger:main",
+    ("backfill",): "pipelines.backfill:main",
     ("bench", "serve"): "pipelines.bench_serve:main",
     ("bench", "distill"): "pipelines.bench_distill:main",
 }
@@ -70,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("demo", help="the main job on the embedded defaults (--quick for this CPU)")
     commands.add_parser("serve", help="run the Serve application locally (see serve/app.py)")
     commands.add_parser("distill", help="run a distillation job (see jobs/distill.py)")
+    commands.add_parser("evaluate", help="evaluate a challenger against the champion and apply the gate")
+    commands.add_parser("promote", help="force a promotion or roll back (see jobs/promote.py)")
+    commands.add_parser("trigger", help="decide when to distill and submit the jobs (see pipelines/trigger.py)")
+    commands.add_parser("backfill", help="score conversation logs into traffic records (see pipelines/backfill.py)")
     bench = commands.add_parser("bench", help="benchmarks: decode | serve | distill")
     bench.add_argument("which", choices=["decode", "serve", "distill"])
     drafter = commands.add_parser("drafter", help="drafter tools")
