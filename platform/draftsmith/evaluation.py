@@ -24,7 +24,7 @@ from typing import Sequence
 
 from draftsmith.models import Drafter, LoadedModel
 from draftsmith.sampling import SamplingParams
-from draftsmith.specdec import EngineConfig, GenerationResult, Request, SpecEngine, runner_for
+from draftsmith.specdec import AcceptanceRates, EngineConfig, GenerationResult, Request, SpecEngine, runner_for
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ HEADLINE_METRICS = ("acceptance_rate", "token_acceptance", "mean_accepted_length
 
 
 @dataclasses.dataclass(frozen=True)
-class DecodeMetrics:
+class DecodeMetrics(AcceptanceRates):
     """Pooled counters of one (drafter, temperature) run over every prompt."""
 
     requests: int
@@ -45,18 +45,6 @@ class DecodeMetrics:
     compared: int = 0
     steps: int = 0
     emitted_in_steps: int = 0
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
-
-    @property
-    def token_acceptance(self) -> float:
-        return self.accepted / self.compared if self.compared else 0.0
-
-    @property
-    def mean_accepted_length(self) -> float:
-        return self.emitted_in_steps / self.steps if self.steps else 0.0
 
     @property
     def tok_s(self) -> float:

@@ -45,18 +45,15 @@ class Request:
     num_speculative_tokens: int | None = None  # None: the engine's default gamma
 
 
-@dataclasses.dataclass
-class RequestStats:
-    """Per-request speculation counters; DESIGN.md's vocabulary defines the derived rates."""
+class AcceptanceRates:
+    """The derived rates of DESIGN.md's vocabulary, over counters named drafted, accepted, compared,
+    steps and emitted_in_steps (per request here; pooled over requests in evaluation.py)."""
 
-    drafted: int = 0
-    accepted: int = 0
-    compared: int = 0
-    steps: int = 0  # target verification steps (the prefill's first token is not one)
-    emitted_in_steps: int = 0
-    draft_seconds: float = 0.0
-    verify_seconds: float = 0.0
-    prefill_seconds: float = 0.0
+    drafted: int
+    accepted: int
+    compared: int
+    steps: int
+    emitted_in_steps: int
 
     @property
     def acceptance_rate(self) -> float:
@@ -69,6 +66,20 @@ class RequestStats:
     @property
     def mean_accepted_length(self) -> float:
         return self.emitted_in_steps / self.steps if self.steps else 0.0
+
+
+@dataclasses.dataclass
+class RequestStats(AcceptanceRates):
+    """Per-request speculation counters."""
+
+    drafted: int = 0
+    accepted: int = 0
+    compared: int = 0
+    steps: int = 0  # target verification steps (the prefill's first token is not one)
+    emitted_in_steps: int = 0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    prefill_seconds: float = 0.0
 
     def as_dict(self) -> dict:
         return {
