@@ -35,6 +35,11 @@ class EngineSettings(_Section):
     seed: int = Field(0, description="Seed for requests that do not send one.")
     max_num_speculative_tokens: int = Field(16, ge=0, description="Upper bound a request may ask for.")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens for chat requests that do not set it.")
+    layer_parallel_group_size: int = Field(1, ge=1, description="Layer-parallel drafting (EasySpec): drafter "
+                                           "layers per group run at once on the same input; 1 = sequential.")
+    layer_parallel_devices: list[str] = Field(default_factory=list, description="Devices of the pair for "
+                                              "layer-parallel drafting (one layer per device); empty = stacked "
+                                              "groups on the drafter's own device.")
 
 
 class TrafficSettings(_Section):

@@ -205,6 +205,16 @@ class SpecPairImpl:
             self._poller.start()
 
     # ----- drafter hot swap -----------------------------------------------------------------------
+    def _drafter_runner(self, drafter):
+        """The engine's runner for a drafter, with the pair's layer-parallel plan installed when configured."""
+        runner = runner_for(None, drafter)
+        e = self.cfg.engine
+        if e.layer_parallel_group_size > 1:
+            from draftsmith.layer_parallel import LayerParallelConfig, install
+
+            install(runner, LayerParallelConfig(e.layer_parallel_group_size, tuple(e.layer_parallel_devices)))
+        return runner
+
     def _tags(self, version: str | None = None) -> dict[str, str]:
         return {"model": self.cfg.model_name, "drafter_version": version or self.drafter_version}
 
@@ -250,7 +260,7 @@ class SpecPairImpl:
             started = time.perf_counter()
             try:
                 drafter = ref.load(self.target)
-                self.loop.set_drafter(runner_for(None, drafter), ref.version).result(timeout=120)
+                self.loop.set_drafter(self._drafter_runner(drafter), ref.version).result(timeout=120)
             except Exception as error:  # noqa: BLE001  refuse, keep the old drafter
                 reason = f"{type(error).__name__}: {error}"
                 self.refused[ref.version] = reason

@@ -322,3 +322,16 @@ def test_registry_source_with_fake_resolver(tmp_path):
     assert pair.check_drafter() == "derived-first1" and pair.swaps == 3
     pair.reconfigure({"drafter": None})
     assert pair.check_drafter() == "none"
+
+
+def test_layer_parallel_drafting_is_configurable_per_pair():
+    """engine.layer_parallel_group_size installs the EasySpec executor on every drafter the pair loads."""
+    from draftsmith.layer_parallel import LayerParallelExecutor
+    from serve.spec_pair import SpecPairImpl
+
+    pair = SpecPairImpl({"target": "tiny", "drafter": "derived:0,1", "traffic": {"enabled": False},
+                         "engine": {"layer_parallel_group_size": 2}}, start=False)
+    executor = pair.loop.engine.drafter.layer_executor
+    assert isinstance(executor, LayerParallelExecutor) and executor.approximate
+    plain = SpecPairImpl({"target": "tiny", "drafter": "derived:0,1", "traffic": {"enabled": False}}, start=False)
+    assert plain.loop.engine.drafter.layer_executor is None
