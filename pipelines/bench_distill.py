@@ -178,18 +178,13 @@ def train_with_ray(args, traffic_uri: str, state_dir: str, target) -> tuple[obje
     return drafter, {"steps": m.get("step"), "train_tokens": int(tokens), "final_loss": m.get("loss"), "final_top1": m.get("top1_match"), "ray_metrics": m}
 
 
-def predicted_speedup(alpha: float, gamma: int, cost_ratio: float, verify_cost: float = 1.0) -> float:
-    """Leviathan et al.: E = (1 - a^(g+1)) / (1 - a); S = E / (g*c + v) (v = 1 in the paper)."""
-    expected = gamma + 1 if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
-    return expected / (gamma * cost_ratio + verify_cost)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     import torch
 
+    from draftsmith.bench_decode import leviathan
     from draftsmith.datasets_io import load_prompt_source
     from draftsmith.evaluation import evaluate_drafters, plot_comparison, prompts_from_messages
     from draftsmith.models import derive_drafter, frequent_token_ids, load_model, save_drafter
@@ -270,8 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "autoregressive_tok_s": ar.tok_s,
         "speedup_before": b.tok_s / ar.tok_s if ar.tok_s else 0.0, "speedup_after": after.speedup("after"),
         "cost_ratio_params": cost_ratio,
-        "predicted_speedup_leviathan": predicted_speedup(a.token_acceptance, args.gamma, cost_ratio),
-        "predicted_speedup_cpu_v1.36": predicted_speedup(a.token_acceptance, args.gamma, cost_ratio, 1.36),
+        "predicted_speedup_leviathan": leviathan(a.token_acceptance, args.gamma, cost_ratio)[1],
+        "predicted_speedup_cpu_v1.36": leviathan(a.token_acceptance, args.gamma, cost_ratio, 1.36)[1],
         "total_seconds": round(time.perf_counter() - started, 1),
     }
     result = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
