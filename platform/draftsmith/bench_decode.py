@@ -94,7 +94,7 @@ def _median_ms(fn, repeats: int = 7) -> float:
 def measure_step_costs(target_runner, drafter_runner, context: int, gamma: int) -> dict:
     """Median times of one target step, one target verification of gamma+1 tokens, one drafter step."""
     device = target_runner.device
-    ids = torch.randint(0, 1000, (1, context), device=device)
+    ids = torch.randint(0, target_runner.embed.shape[0], (1, context), device=device)
     positions = torch.arange(context, device=device)[None]
     tcache, dcache = target_runner.new_cache(1, context + gamma + 2), drafter_runner.new_cache(1, context + gamma + 2)
     target_runner.forward(ids, positions, tcache, slice(0, 1))
@@ -114,14 +114,27 @@ def measure_step_costs(target_runner, drafter_runner, context: int, gamma: int) 
 class PathTotals:
     tokens: int = 0
     seconds: float = 0.0
+    # Decode phase alone: tokens after each request's first, time after the prefill (engine paths only).
+    decode_tokens: int = 0
+    decode_seconds: float = 0.0
 
     def add(self, tokens: int, seconds: float) -> None:
         self.tokens += tokens
         self.seconds += seconds
 
+    def add_engine(self, results, seconds: float) -> None:
+        """Engine results of one batch; requests admitted together share one prefill."""
+        self.add(sum(len(r.output_token_ids) for r in results), seconds)
+        self.decode_tokens += sum(len(r.output_token_ids) - 1 for r in results)
+        self.decode_seconds += seconds - max(r.stats.prefill_seconds for r in results)
+
     @property
     def tok_s(self) -> float | None:
         return self.tokens / self.seconds if self.seconds else None
+
+    @property
+    def decode_tok_s(self) -> float | None:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds else None
 
 
 def _timed(fn):
@@ -177,10 +190,10 @@ def run(args: argparse.Namespace) -> dict:
     for b, batch in enumerate(tqdm(batches, desc="bench decode", file=sys.stderr, disable=None)):
         requests = [Request(f"{b}-{i}", ids, params) for i, ids in enumerate(batch)]
         results, seconds = _timed(lambda: ar_engine.generate(requests))
-        paths["ar"].add(sum(len(r.output_token_ids) for r in results), seconds)
+        paths["ar"].add_engine(results, seconds)
         ar_outputs += [r.output_token_ids for r in results]
         results, seconds = _timed(lambda: spec_engine.generate(requests))
-        paths["spec"].add(sum(len(r.output_token_ids) for r in results), seconds)
+        paths["spec"].add_engine(results, seconds)
         spec_results += results
         if args.skip_hf or args.batch_size != 1:
             continue  # transformers' assisted generation decodes one sequence at a time
@@ -223,6 +236,8 @@ def run(args: argparse.Namespace) -> dict:
         "output_tokens": paths["spec"].tokens,
         "autoregressive_tok_s": ar_tok_s,
         "speculative_tok_s": spec_tok_s,
+        "autoregressive_decode_tok_s": paths["ar"].decode_tok_s,
+        "speculative_decode_tok_s": paths["spec"].decode_tok_s,
         "hf_generate_tok_s": paths["hf"].tok_s,
         "hf_assisted_tok_s": paths["hf_assisted"].tok_s,
         "hf_assisted_default_tok_s": paths["hf_assisted_default"].tok_s,
@@ -264,6 +279,8 @@ def summary_table(report: dict) -> str:
     lines += [f"{name:44s} {tok_s:>9s} {speedup:>7s}" for name, tok_s, speedup in rows]
     lines += [
         "",
+        f"decode phase alone (after each prefill): autoregressive {fmt(report['autoregressive_decode_tok_s'])} tok/s, "
+        f"speculative {fmt(report['speculative_decode_tok_s'])} tok/s",
         f"token acceptance (alpha) {report['token_acceptance']:.3f}, acceptance rate {report['acceptance_rate']:.3f}, "
         f"mean accepted length {report['mean_accepted_length']:.2f} tokens/step",
         f"drafter/target step cost c = {report['cost_ratio']:.3f}, verification cost v = {report['verify_cost_ratio']:.2f}; "

@@ -1,0 +1,30 @@
+"""`draftsmith bench decode` end to end on the tiny model: every path runs and the JSON line is complete."""
+
+import json
+
+from draftsmith import bench_decode
+
+REQUIRED = ["autoregressive_tok_s", "speculative_tok_s", "hf_generate_tok_s", "hf_assisted_tok_s",
+            "hf_assisted_default_tok_s", "acceptance_rate", "token_acceptance", "mean_accepted_length",
+            "cost_ratio", "verify_cost_ratio", "theoretical_speedup", "predicted_speedup",
+            "speedup_vs_autoregressive", "speedup_vs_hf_assisted", "greedy_mismatches", "device", "n_prompts",
+            "gamma", "batch_size"]
+
+
+def test_bench_decode_on_tiny_prints_one_json_line(capsys):
+    assert bench_decode.main(["--target", "tiny", "--drafter", "derived:0", "--n-prompts", "2",
+                              "--max-new-tokens", "8", "--max-prompt-tokens", "32"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    report = json.loads(lines[-1])
+    assert [key for key in REQUIRED if key not in report] == []
+    assert report["greedy_mismatches"] == 0 and report["n_prompts"] == 2
+    assert report["token_acceptance"] >= report["acceptance_rate"]
+    assert 1.0 <= report["mean_accepted_length"] <= report["gamma"] + 1
+    assert "tokens/s" in "\n".join(lines[:-1])  # the human-readable table comes first
+
+
+def test_leviathan_expected_tokens_and_speedup():
+    expected, speedup = bench_decode.leviathan(0.5, 4, 0.1, 1.0)
+    assert abs(expected - (1 - 0.5 ** 5) / 0.5) < 1e-12
+    assert abs(speedup - expected / 1.4) < 1e-12
+    assert bench_decode.leviathan(1.0, 4, 0.0)[0] == 5
