@@ -11,7 +11,6 @@ under test-artifacts/mlflow_ui/ (gitignored). Skipped when /usr/bin/chromium is 
 from __future__ import annotations
 
 import html
-import json
 import re
 import subprocess
 import uuid
@@ -71,21 +70,11 @@ def _screenshot(tmp_path: Path, url: str, name: str, size: str = "1400,900") -> 
 
 
 @pytest.fixture
-def champion(mlflow_server, tmp_path):
+def champion(mlflow_server, tmp_path, write_fake_drafter):
     """A tiny drafter registered on the test server with evaluation metrics, promoted to `champion`."""
-    import torch
-    import transformers
-
     from draftsmith.registry import DrafterRegistry
 
-    drafter_dir = tmp_path / "drafter"
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(drafter_dir)
-    (drafter_dir / "draftsmith_drafter.json").write_text(json.dumps(
-        {"kind": "external", "target_id": "tiny-target", "target_revision": "r0", "tokenizer_hash": "abc123",
-         "layers": None, "draft_vocab_size": None, "parent_version": None}))
+    drafter_dir = write_fake_drafter(tmp_path / "drafter")
     registry = DrafterRegistry(mlflow_server.url, model_name=f"draftsmith-drafter-ui-{uuid.uuid4().hex[:6]}")
     version = registry.register_drafter(
         drafter_dir, experiment="draftsmith-distill-ui", run_name="distill-ui-test",

@@ -2,7 +2,6 @@
 
 import argparse
 import io
-import json
 import uuid
 
 import pytest
@@ -20,16 +19,8 @@ TAGS = {"target_id": "tiny-target", "target_revision": "r0", "tokenizer_hash": "
 
 
 @pytest.fixture(scope="module")
-def drafter_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("drafter")
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
-    (d / "draftsmith_drafter.json").write_text(json.dumps(
-        {"kind": "external", "target_id": "tiny-target", "target_revision": "r0", "tokenizer_hash": "abc123",
-         "layers": None, "draft_vocab_size": None, "parent_version": None}))
-    return d
+def drafter_dir(tmp_path_factory, write_fake_drafter):
+    return write_fake_drafter(tmp_path_factory.mktemp("drafter"))
 
 
 @pytest.fixture
