@@ -187,7 +187,7 @@ def generate_records(target: LoadedModel, drafter: Drafter | None, prompts: Sequ
     version = drafter_version if drafter_version is not None else (drafter.version if drafter else "")
     longest = max(len(p) for p in ids)
     config = EngineConfig(num_speculative_tokens=gamma, max_batch_size=batch_size,
-                          max_model_len=2 * (longest + max_tokens) + gamma + 2, topk_logprobs=topk, seed=seed)
+                          max_model_len=longest + max_tokens + gamma + 1, topk_logprobs=topk, seed=seed)
     tok = target.tokenizer
     engine = SpecEngine(runner_for(target.model), None if drafter is None else runner_for(None, drafter),
                         config=config, eos_token_ids=target.eos_token_ids, drafter_version=version,

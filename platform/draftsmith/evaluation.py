@@ -175,10 +175,8 @@ def evaluate_drafters(
         raise ValueError(f"gamma must be >= 1 to evaluate drafters, got {gamma}")
     target_runner = runner_for(target.model)
     longest = max(len(p) for p in prompts)
-    # Twice the longest sequence: the engine's drafter catch-up pads short rows past their length
-    # (specdec._catch_up_drafter), which would otherwise index past a tight cache near the end.
     config = EngineConfig(num_speculative_tokens=gamma, max_batch_size=batch_size,
-                          max_model_len=2 * (longest + max_new_tokens) + gamma + 2, topk_logprobs=0,
+                          max_model_len=longest + max_new_tokens + gamma + 1, topk_logprobs=0,
                           seed=seed)
     temperatures = tuple(float(t) for t in temperatures)
 
