@@ -10,6 +10,11 @@ Routes: POST /v1/completions, POST /v1/chat/completions (`stream: true` gives se
 GET /v1/models, GET /health, GET /draftsmith/status (the answering replica's drafter, refusals,
 counters), POST /draftsmith/flush (write pending traffic records now).
 
+Limits: bodies over `max_request_body_bytes` get 413 before they are parsed; prompts over
+`max_prompt_tokens` (or the context) and token ids outside the vocabulary get 400. A SpecPair replica
+that dies or is unreachable mid-request gives 503 (`replica_unavailable`, retryable), or an error
+event on a stream that had started; never a bare 500.
+
 What it does not do: generation, batching, drafter swaps (spec_pair.py); Parquet (logger.py).
 """
 
@@ -73,6 +78,13 @@ def load_tokenizer(spec: str):
     return AutoTokenizer.from_pretrained(path)
 
 
+def _upstream_error(error: BaseException) -> ProtocolError:
+    """A failure of the call to the SpecPair (replica killed, restarting, overloaded) as a clear 503."""
+    return ProtocolError(503, f"The replica serving this request failed before it finished "
+                              f"({type(error).__name__}); the request was not completed: retry it.",
+                         type="server_error", code="replica_unavailable")
+
+
 def _raise_if_error(result: dict, *, max_tokens_param: str) -> None:
     error = result.get("error")
     if error is None:
@@ -130,21 +142,45 @@ class Ingress:
         self._check_auth(request)
         return await self.pair.flush_traffic.remote()
 
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refused with 413 as soon as it is known to exceed the limit (header or bytes read)."""
+        limit = self.cfg.max_request_body_bytes
+        too_large = ProtocolError(413, f"The request body exceeds {limit} bytes (max_request_body_bytes): send a "
+                                       "shorter prompt.", code="request_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _check_token_ids(self, ids: list[int]) -> None:
+        vocab = len(self.tokenizer)
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ProtocolError(400, f"The prompt holds token id {bad}, outside this model's vocabulary "
+                                     f"[0, {vocab}).", param="prompt", code="invalid_token_id")
+
     @api.post("/v1/completions")
     async def completions(self, request: Request):
         self._check_auth(request)
-        body = parse_request(await request.body(), CompletionRequest)
+        body = parse_request(await self._read_body(request), CompletionRequest)
         self._check_model(body.model)
         if isinstance(body.prompt, str):
             prompt_text, ids = body.prompt, self.tokenizer.encode(body.prompt)
         else:
             prompt_text, ids = None, list(body.prompt)
+            self._check_token_ids(ids)
         return await self._generate("completion", request, body, ids, prompt_text, body.max_tokens)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         self._check_auth(request)
-        body = parse_request(await request.body(), ChatCompletionRequest)
+        body = parse_request(await self._read_body(request), ChatCompletionRequest)
         self._check_model(body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
@@ -158,9 +194,18 @@ class Ingress:
     # ----- generation -----------------------------------------------------------------------------
     async def _payload(self, request: Request, body, ids: list[int], prompt_text: str | None,
                        max_tokens: int | None) -> dict:
-        info = await self._engine_info()
+        try:
+            info = await self._engine_info()
+        except Exception as error:  # noqa: BLE001  no replica answered
+            raise _upstream_error(error) from None
         context = info["max_model_len"]
         options = body.options
+        limit = self.cfg.max_prompt_tokens
+        if limit is not None and len(ids) > limit:
+            raise ProtocolError(400, f"The prompt is {len(ids)} tokens long; this server accepts at most {limit} "
+                                     "(max_prompt_tokens): shorten the prompt.",
+                                param="messages" if body.__class__ is ChatCompletionRequest else "prompt",
+                                code="prompt_too_long")
         if len(ids) >= context:
             raise ProtocolError(400, f"The prompt is {len(ids)} tokens long; this model's context is {context} "
                                      "tokens: shorten the prompt.", param="messages" if prompt_text else "prompt",
@@ -192,14 +237,22 @@ class Ingress:
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
         request_id, created, model = prefix + payload["request_id"], int(time.time()), self.cfg.model_name
         if not body.stream:
-            result = await self.pair.generate.remote(payload)
+            try:
+                result = await self.pair.generate.remote(payload)
+            except Exception as error:  # noqa: BLE001  the replica died or could not be reached
+                logger.warning("request %s failed in the SpecPair: %s: %s", request_id, type(error).__name__, error)
+                raise _upstream_error(error) from None
             _raise_if_error(result, max_tokens_param="max_tokens")
             build = chat_response if kind == "chat" else completion_response
             return build(request_id, model, result["text"], result["finish_reason"], result["usage"],
                          result["draftsmith"], created)
         stream = self.pair.options(stream=True).generate_stream.remote(payload)
         try:
-            first = await stream.__anext__()
+            try:
+                first = await stream.__anext__()
+            except Exception as error:  # noqa: BLE001  the replica died or could not be reached
+                logger.warning("request %s failed in the SpecPair: %s: %s", request_id, type(error).__name__, error)
+                raise _upstream_error(error) from None
             _raise_if_error(first, max_tokens_param="max_tokens")
         except BaseException:
             stream.cancel()
@@ -227,7 +280,14 @@ class Ingress:
                         yield sse(stream_chunk(kind, request_id, model, created, None,
                                                extra={"usage": chunk["usage"]}))
                     break
-                chunk = await stream.__anext__()
+                try:
+                    chunk = await stream.__anext__()
+                except StopAsyncIteration:
+                    chunk = {"error": {"message": "the stream ended without a result", "type": "server_error",
+                                       "param": None, "code": "replica_unavailable"}}
+                except Exception as error:  # noqa: BLE001  the replica died mid-stream: say so in the stream
+                    logger.warning("stream %s failed in the SpecPair: %s: %s", request_id, type(error).__name__, error)
+                    chunk = _upstream_error(error).body()
             yield SSE_DONE
         finally:
             stream.cancel()  # no-op when finished; frees the engine slot when the client disconnected

@@ -48,8 +48,22 @@ class TrafficSettings(_Section):
     flush_every_records: int = Field(256, ge=1, description="The writer flushes a file every N records...")
     flush_every_seconds: float = Field(30.0, gt=0, description="...or every T seconds, whichever comes first.")
     log_text: bool = Field(True, description="Keep prompt/output text; false applies traffic.drop_text.")
-    send_batch_size: int = Field(32, ge=1, description="Records a replica batches before sending to the logger.")
-    send_interval_seconds: float = Field(0.5, gt=0, description="Max delay before a replica sends its batch.")
+    send_batch_size: int = Field(32, ge=1, description="Most records a replica sends the logger in one call.")
+    send_interval_seconds: float = Field(0.5, gt=0, description="Max delay before a replica sends its batch; also "
+                                         "how often it asks the logger which records are on storage.")
+    confirm_before_response: bool = Field(
+        True, description="A response waits until the logger has received its record (one actor call, shared by "
+        "the requests finishing together), so a replica killed after answering has lost no record. false: "
+        "fire-and-forget; a killed replica loses up to send_interval_seconds of records.")
+    handoff_timeout_s: float = Field(5.0, gt=0, description="Longest a response waits for that hand-off (logger "
+                                     "restarting); after it the response goes out and the record stays queued.")
+    send_retries: int = Field(20, ge=0, description="Failed sends of one batch (logger down) before its records "
+                              "are given up and counted in draftsmith_traffic_records_undelivered.")
+    logger_call_timeout_s: float = Field(15.0, gt=0, description="Longest a replica waits for one call to the "
+                                         "logger before it counts as failed and is retried.")
+    max_unconfirmed_records: int = Field(
+        4096, ge=1, description="Records a replica keeps until the logger reports them on storage (resent if the "
+        "logger dies first); beyond it the oldest are released unconfirmed and counted.")
 
 
 class PlacementSettings(_Section):
@@ -104,6 +118,17 @@ class ServeAppConfig(BaseModel):
     max_ongoing_requests: int = Field(64, ge=1, description="Requests Serve sends one SpecPair replica at once "
                                       "(beyond max_batch_size they queue inside the engine).")
     ingress_replicas: int = Field(1, ge=1, description="Replicas of the HTTP ingress deployment.")
+    max_request_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body accepted; larger "
+                                        "bodies get 413 before they are parsed.")
+    max_prompt_tokens: int | None = Field(None, ge=1, description="Longest prompt in tokens (after the chat "
+                                          "template); longer prompts get 400. None: only the context length limits.")
+    health_check_period_s: float = Field(10.0, gt=0, description="Serve's health-check period of SpecPair replicas: "
+                                         "how soon a dead replica is noticed and replaced.")
+    mlflow_http_max_retries: int | None = Field(
+        3, ge=0, description="MLFLOW_HTTP_REQUEST_MAX_RETRIES in the replicas: bounds how long a drafter poll waits "
+        "on a dead MLflow server (MLflow's default, 7, is ~4 min). None: MLflow's default.")
+    mlflow_http_timeout_s: float | None = Field(10.0, gt=0, description="MLFLOW_HTTP_REQUEST_TIMEOUT in the "
+                                                "replicas. None: MLflow's default (120 s).")
     auth_token: str | None = Field(None, description="If set, require `Authorization: Bearer <token>`.")
     auth_token_env: str | None = Field(None, description="Name of an environment variable holding the bearer "
                                        "token (a Kubernetes Secret); keeps the token out of config files.")
@@ -132,12 +157,27 @@ class ServeAppConfig(BaseModel):
             raise ValueError(f"drafter {self.drafter!r} is an MLflow URI: set mlflow_tracking_uri too")
         return self
 
+    def mlflow_env(self) -> dict[str, str]:
+        """The MLflow client's retry bounds as environment variables (MLflow reads them per request)."""
+        env = {}
+        if self.mlflow_http_max_retries is not None:
+            env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(self.mlflow_http_max_retries)
+            env["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
+        if self.mlflow_http_timeout_s is not None:
+            env["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(max(1, self.mlflow_http_timeout_s)))
+        return env
+
     # ----- Serve options --------------------------------------------------------------------------
     def spec_pair_options(self) -> dict[str, Any]:
         """Keyword arguments for `SpecPair.options(...)`: resources, placement group, replicas."""
         p, a = self.placement, self.autoscaling
+        actor: dict[str, Any] = {"num_cpus": p.num_cpus, "num_gpus": p.num_gpus}
+        env = self.mlflow_env()
+        if env and self.drafter and self.drafter.startswith("models:/"):
+            actor["runtime_env"] = {"env_vars": env}
         options: dict[str, Any] = {
-            "ray_actor_options": {"num_cpus": p.num_cpus, "num_gpus": p.num_gpus},
+            "ray_actor_options": actor,
+            "health_check_period_s": self.health_check_period_s,
             "max_ongoing_requests": self.max_ongoing_requests,
             "user_config": {"drafter": self.drafter, "drafter_poll_interval_s": self.drafter_poll_interval_s},
             # Loading a target can take a while (first SmolLM2 use converts its GGUF).

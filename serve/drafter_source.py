@@ -38,6 +38,7 @@ class DrafterSourceError(RuntimeError):
 class DrafterRef:
     version: str
     load: Callable[[models.LoadedModel], models.Drafter]  # blocking: reads files, may download
+    location: str = ""  # where the files are (a refusal names it, whatever the loader's own message says)
 
 
 class DrafterSource(Protocol):
@@ -64,7 +65,7 @@ class LocalDirSource:
         if not real.is_dir():
             raise DrafterSourceError(f"drafter directory {self.spec} does not exist (resolved to {real})")
         version = f"{real.name}-{_fingerprint(real)}"
-        return DrafterRef(version, lambda target: models.load_drafter(real, target, version=version))
+        return DrafterRef(version, lambda target: models.load_drafter(real, target, version=version), str(real))
 
 
 @dataclasses.dataclass
@@ -84,7 +85,7 @@ class DerivedSource:
             drafter.version = version
             return drafter
 
-        return DrafterRef(version, load)
+        return DrafterRef(version, load, self.spec)
 
 
 class Resolver(Protocol):
@@ -110,7 +111,7 @@ class RegistrySource:
             local = self.registry.download(version, self.cache_dir / f"v{version}")
             return models.load_drafter(local, target, version=version)
 
-        return DrafterRef(version, load)
+        return DrafterRef(version, load, f"{self.spec} (version {version}, cached in {self.cache_dir / f'v{version}'})")
 
 
 def make_source(spec: str | None, *, tracking_uri: str | None = None, registry_uri: str | None = None,

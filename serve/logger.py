@@ -3,9 +3,16 @@
 What it does: turns a finished `GenerationResult` into a `TrafficRecord` (`record_from_result`, pure),
 decides per request whether it may be logged (`logging_opted_out`, pure), and runs `TrafficLogger`,
 a Serve deployment (one Ray actor managed by Serve, so it lives and dies with the application) that
-wraps `draftsmith.traffic.TrafficWriter`: replicas send it batches fire-and-forget, it buffers them
-and writes hour-partitioned Parquet files every N records or T seconds from a background task, off
-every request path.
+wraps `draftsmith.traffic.TrafficWriter`: replicas send it batches off the request path, it buffers
+them and writes hour-partitioned Parquet files every N records or T seconds from a background task.
+
+Delivery contract (what makes a killed logger lose nothing): `log_batch` acknowledges receipt with
+`{"instance", "seq"}`: this logger incarnation's id and the sequence number its writer reached. The
+records are durable once `durable()` reports the same instance with `durable_through >= seq`. A
+replica keeps what it sent until then; if `durable()` or a later ack names another instance, the
+logger died with those records in its buffer and the replica sends them again (spec_pair.py). So a
+logger kill loses nothing a replica still holds; what the replicas cannot deliver at all is counted
+by them (`draftsmith_traffic_records_undelivered`).
 
 What it does not do: Parquet layout, atomic renames and reading (draftsmith.traffic), redaction
 policy beyond applying the configured hook (the replica applies `drop_text` before sending, so text
@@ -15,8 +22,10 @@ a deployment must not keep never leaves the replica).
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
 import logging
+import uuid
 from typing import Any, Mapping
 
 from ray import serve
@@ -71,6 +80,9 @@ def record_from_result(result, *, target_id: str, target_revision: str, tokenize
     )
 
 
+_SEEN_LIMIT = 200_000  # ~20 MB of ids; far more than a retry window holds
+
+
 class TrafficLoggerImpl:
     """Buffers records from every replica and writes them with one TrafficWriter (Ray-free core)."""
 
@@ -79,19 +91,40 @@ class TrafficLoggerImpl:
                                     flush_every_seconds=flush_every_seconds)
         self.received = 0
         self.failed_flushes = 0
+        self.instance = uuid.uuid4().hex  # a restarted logger is another instance: replicas resend to it
+        # Request ids seen lately: a batch retried after a lost ack is not written twice.
+        self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.duplicates_ignored = 0
 
     def _add_all(self, records: list[TrafficRecord]) -> None:
         for record in records:
             self.writer.add(record)  # thread-safe; flushes by itself when N records are buffered
 
-    async def log_batch(self, records: list[TrafficRecord]) -> int:
+    async def log_batch(self, records: list[TrafficRecord]) -> dict[str, Any]:
+        """Buffer `records`; the ack says which sequence number must become durable (see `durable`)."""
+        fresh = []
+        for record in records:
+            if record.request_id in self._seen:
+                self.duplicates_ignored += 1
+                continue
+            self._seen[record.request_id] = None
+            fresh.append(record)
+        while len(self._seen) > _SEEN_LIMIT:
+            self._seen.popitem(last=False)
+        records = fresh
         self.received += len(records)
         try:
             await asyncio.to_thread(self._add_all, records)  # a flush writes Parquet: keep it off the loop
         except Exception:  # noqa: BLE001  the records stay buffered; the next flush retries
             self.failed_flushes += 1
             logger.exception("traffic flush to %s failed; records stay buffered", self.writer.root)
-        return len(records)
+        # Read after the adds: may include other batches' records, which only makes the wait conservative.
+        return {"instance": self.instance, "seq": self.writer.records_added, "n": len(records),
+                "durable_through": self.writer.durable_through}
+
+    def durable(self) -> dict[str, Any]:
+        """Every record acknowledged with `seq <= durable_through` by this `instance` is on storage."""
+        return {"instance": self.instance, "durable_through": self.writer.durable_through}
 
     async def maybe_flush(self) -> None:
         try:
@@ -108,13 +141,15 @@ class TrafficLoggerImpl:
         w = self.writer
         return {"received": self.received, "written": w.records_written, "buffered": w.records_buffered,
                 "files": w.files_written, "dropped": w.records_dropped, "failed_flushes": self.failed_flushes,
-                "uri": w.root}
+                "uri": w.root, "instance": self.instance, "durable_through": w.durable_through,
+                "seconds_since_flush": w.seconds_since_flush, "duplicates_ignored": self.duplicates_ignored}
 
 
+# A short health-check period: a killed logger is noticed and replaced in seconds, not Serve's default 10 s.
 @serve.deployment(name="TrafficLogger", num_replicas=1, max_ongoing_requests=1000,
-                  ray_actor_options={"num_cpus": 0})
+                  ray_actor_options={"num_cpus": 0}, health_check_period_s=2.0)
 class TrafficLogger(TrafficLoggerImpl):
-    """The logger actor: `log_batch` (fire-and-forget from replicas), `flush()`, `stats()`."""
+    """The logger actor: `log_batch` (from replicas, off the request path), `durable()`, `flush()`, `stats()`."""
 
     def __init__(self, uri: str, flush_every_records: int = 256, flush_every_seconds: float = 30.0):
         super().__init__(uri, flush_every_records=flush_every_records, flush_every_seconds=flush_every_seconds)

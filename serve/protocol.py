@@ -64,7 +64,8 @@ class _CommonRequest(BaseModel):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    # torch seeds and the traffic log's seed column are 64-bit.
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="Sampling seed (64-bit).")
     user: str | None = None
     n: int = 1
     stream: bool = False

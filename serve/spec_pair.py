@@ -7,8 +7,12 @@ it has work. Requests submit a `Request` and receive `StepOutput`s through an as
 at a time behind a lock). A poller thread checks the source every N seconds (and on `reconfigure`),
 loads a new version in the background and asks the engine thread to `set_drafter` between steps; a
 drafter that fails to load or does not fit the target is refused, logged and counted, and the old
-one keeps serving. Finished requests become TrafficRecords sent to the logger in batches, off the
-request path. Metrics go through `ray.util.metrics`.
+one keeps serving. Finished requests become TrafficRecords sent to the logger in batches by one
+sender task; by default a response waits until its record's batch was received (so a replica killed
+after answering has lost no record), and the replica keeps sent records until the logger reports them
+on storage, resending them if the logger died first (logger.py's delivery contract). What it could not
+deliver at all is counted (`draftsmith_traffic_records_undelivered`). Metrics go through
+`ray.util.metrics`.
 
 What it does not do: HTTP, tokenization or the OpenAI protocol (app.py, protocol.py), decoding math
 (draftsmith.specdec), writing Parquet (logger.py).
@@ -154,6 +158,15 @@ class _Metrics:
         self.swaps = metrics.Counter("draftsmith_drafter_swaps", "Drafter hot swaps.", tag_keys=tags)
         self.refused = metrics.Counter("draftsmith_drafters_refused", "Drafters refused.",
                                        tag_keys=("model", "drafter_version", "reason"))
+        self.undelivered = metrics.Counter("draftsmith_traffic_records_undelivered", "Traffic records a replica "
+                                           "gave up sending (logger unreachable) or released unconfirmed.",
+                                           tag_keys=("model", "reason"))
+        self.resent = metrics.Counter("draftsmith_traffic_records_resent", "Traffic records sent again because the "
+                                      "logger died before writing them.", tag_keys=("model",))
+
+
+async def _await(response):
+    return await response
 
 
 class SpecPairImpl:
@@ -183,10 +196,18 @@ class SpecPairImpl:
         self.metrics = _Metrics()
         self.traffic_logger = traffic_logger
         self._redact = (lambda r: r) if cfg.traffic.log_text else drop_text
-        self._pending: list = []
-        self._send_tasks: set[asyncio.Task] = set()
+        self._pending: list = []  # records not yet received by the logger, oldest first
+        self._handoff: dict[str, asyncio.Future] = {}  # request id -> resolved once its record was received
+        self._unconfirmed: list[tuple[str, int, list]] = []  # (logger instance, seq, records) not yet on storage
+        self._resend: list = []  # records a dead logger held; the sender puts them back in front of the queue
+        self._logger_instance: str | None = None
+        self._send_attempts = 0
+        self._last_confirm = 0.0
         self._sender: asyncio.Task | None = None
-        self.counts = {"requests": 0, "errors": 0, "logged_sent": 0, "log_send_failures": 0, "opted_out": 0}
+        self._send_wake: asyncio.Event | None = None
+        self._send_lock: asyncio.Lock | None = None
+        self.counts = {"requests": 0, "errors": 0, "logged_sent": 0, "log_send_failures": 0, "opted_out": 0,
+                       "log_resent": 0, "log_released_unconfirmed": 0, "handoff_timeouts": 0}
         # drafter state
         self._source_factory = source_factory
         self._source_spec: str | None = None
@@ -263,6 +284,8 @@ class SpecPairImpl:
                 self.loop.set_drafter(self._drafter_runner(drafter), ref.version).result(timeout=120)
             except Exception as error:  # noqa: BLE001  refuse, keep the old drafter
                 reason = f"{type(error).__name__}: {error}"
+                if ref.location and ref.location not in reason:  # e.g. a truncated safetensors file
+                    reason += f" (drafter at {ref.location})"
                 self.refused[ref.version] = reason
                 self.metrics.refused.inc(tags={**self._tags(ref.version), "reason": type(error).__name__})
                 logger.error("refused drafter %s from %s (%s); still serving %s", ref.version, source.spec,
@@ -324,6 +347,7 @@ class SpecPairImpl:
                     if item.finished:
                         finished = True
                         chunk.update(self._finish(payload, request, item, submitted, first_token_at))
+                        await self._handed_off(request.request_id)
                 if chunk["n_tokens"] or chunk["text"] or finished:
                     yield chunk
         finally:
@@ -360,8 +384,11 @@ class SpecPairImpl:
                     tokenizer_hash=self.tokenizer_hash, params=request.params,
                     num_speculative_tokens=gamma, prompt_text=payload.get("prompt_text"), user=payload.get("user"))
                 self._pending.append(self._redact(record))
-                if len(self._pending) >= self.cfg.traffic.send_batch_size:
-                    self._send_pending()
+                t = self.cfg.traffic
+                if t.confirm_before_response:
+                    self._handoff[record.request_id] = asyncio.get_running_loop().create_future()
+                if (t.confirm_before_response or len(self._pending) >= t.send_batch_size) and self._send_wake:
+                    self._send_wake.set()
             else:
                 self.counts["opted_out"] += 1
         return {
@@ -372,6 +399,7 @@ class SpecPairImpl:
                 "drafter_version": version if version != "none" else None,
                 "num_speculative_tokens": gamma if version != "none" else 0,
                 "drafted": stats.drafted, "accepted": stats.accepted, "compared": stats.compared,
+                "steps": stats.steps, "emitted_in_steps": stats.emitted_in_steps,
                 "acceptance_rate": stats.acceptance_rate, "token_acceptance": stats.token_acceptance,
                 "mean_accepted_length": stats.mean_accepted_length,
             },
@@ -380,37 +408,144 @@ class SpecPairImpl:
     # ----- traffic --------------------------------------------------------------------------------
     def _ensure_sender(self) -> None:
         if self._sender is None and self.traffic_logger is not None:
+            self._send_wake, self._send_lock = asyncio.Event(), asyncio.Lock()
             self._sender = asyncio.get_running_loop().create_task(self._send_forever())
+            self._sender.add_done_callback(self._sender_ended)
+
+    def _sender_ended(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("traffic sender stopped: %r; restarting it with the next request", task.exception())
+        self._sender = None  # the next request starts another
+
+    async def _call_logger(self, method: str, *args):
+        """One call to the logger, bounded: a call that never answers must not stall the sender."""
+        response = getattr(self.traffic_logger, method).remote(*args)
+        try:
+            return await asyncio.wait_for(_await(response), self.cfg.traffic.logger_call_timeout_s)
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise TimeoutError(f"traffic logger {method} did not answer in "
+                               f"{self.cfg.traffic.logger_call_timeout_s} s") from None
+
+    async def _handed_off(self, request_id: str) -> None:
+        """Wait (bounded) until the logger has received this request's record."""
+        future = self._handoff.get(request_id)
+        if future is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(future), self.cfg.traffic.handoff_timeout_s)
+        except asyncio.TimeoutError:  # the logger is restarting: answer anyway, the record stays queued
+            self.counts["handoff_timeouts"] += 1
+            self._handoff.pop(request_id, None)
 
     async def _send_forever(self) -> None:
+        interval = self.cfg.traffic.send_interval_seconds
         while True:
-            await asyncio.sleep(self.cfg.traffic.send_interval_seconds)
-            self._send_pending()
+            try:
+                await asyncio.wait_for(self._send_wake.wait(), timeout=interval)
+            except asyncio.TimeoutError:
+                pass
+            self._send_wake.clear()
+            try:
+                await self._send_pending()
+                if time.monotonic() - self._last_confirm >= interval:
+                    await self._confirm()
+            except Exception:  # noqa: BLE001  the sender must survive anything
+                logger.exception("traffic sender failed; retrying")
 
-    def _send_pending(self) -> None:
-        if not self._pending:
+    async def _send_pending(self) -> None:
+        """Send every queued record, one batch at a time; on failure back off and leave them queued."""
+        t = self.cfg.traffic
+        async with self._send_lock:
+            while self._pending or self._resend:
+                if self._resend:  # only here, under the lock, so the front of the queue never moves mid-send
+                    self._pending[:0], self._resend = self._resend, []
+                batch = self._pending[: t.send_batch_size]
+                try:
+                    ack = await self._call_logger("log_batch", batch)
+                except Exception as error:  # noqa: BLE001  logger dead or restarting
+                    self._send_attempts += 1
+                    if self._send_attempts <= t.send_retries:
+                        logger.warning("traffic logger unreachable (%s: %s); %d records queued, attempt %d",
+                                       type(error).__name__, error, len(self._pending), self._send_attempts)
+                        await asyncio.sleep(min(2.0, 0.1 * 2 ** self._send_attempts))
+                        return
+                    del self._pending[: len(batch)]
+                    self._send_attempts = 0
+                    self._give_up(batch, "unreachable", error)
+                    continue
+                # Only the sender removes from the front; requests append at the end meanwhile.
+                del self._pending[: len(batch)]
+                self._send_attempts = 0
+                self.counts["logged_sent"] += len(batch)
+                for record in batch:
+                    future = self._handoff.pop(record.request_id, None)
+                    if future is not None and not future.done():
+                        future.set_result(True)
+                self._unconfirmed.append((ack["instance"], int(ack["seq"]), batch))
+                self._settle(ack["instance"], ack.get("durable_through"))
+
+    def _settle(self, instance: str, durable_through: int | None) -> None:
+        """Drop records the logger reports on storage; resend those a dead logger instance held."""
+        if self._logger_instance is not None and instance != self._logger_instance:
+            lost = [r for inst, _, batch in self._unconfirmed if inst != instance for r in batch]
+            self._unconfirmed = [entry for entry in self._unconfirmed if entry[0] == instance]
+            if lost:
+                logger.warning("traffic logger %s was replaced by %s before writing %d records: resending them",
+                               self._logger_instance, instance, len(lost))
+                self.counts["log_resent"] += len(lost)
+                self._inc(self.metrics.resent, len(lost), {"model": self.cfg.model_name})
+                self._resend.extend(lost)
+                if self._send_wake is not None:
+                    self._send_wake.set()
+        self._logger_instance = instance
+        if durable_through is not None:
+            self._unconfirmed = [e for e in self._unconfirmed if not (e[0] == instance and e[1] <= durable_through)]
+        held = sum(len(batch) for _, _, batch in self._unconfirmed)
+        while held > self.cfg.traffic.max_unconfirmed_records and self._unconfirmed:
+            _, _, batch = self._unconfirmed.pop(0)
+            held -= len(batch)
+            self.counts["log_released_unconfirmed"] += len(batch)
+            self._inc(self.metrics.undelivered, len(batch), {"model": self.cfg.model_name, "reason": "unconfirmed"})
+
+    async def _confirm(self) -> None:
+        self._last_confirm = time.monotonic()
+        if not self._unconfirmed:
             return
-        batch, self._pending = self._pending, []
-        task = asyncio.get_running_loop().create_task(self._send(batch))
-        self._send_tasks.add(task)
-        task.add_done_callback(self._send_tasks.discard)
-
-    async def _send(self, batch: list) -> None:
         try:
-            await self.traffic_logger.log_batch.remote(batch)
-            self.counts["logged_sent"] += len(batch)
-        except Exception:  # noqa: BLE001  logging must never fail a request
-            self.counts["log_send_failures"] += len(batch)
-            logger.exception("could not send %d traffic records to the logger", len(batch))
+            durable = await self._call_logger("durable")
+        except Exception as error:  # noqa: BLE001  the next send or check settles it
+            logger.warning("cannot ask the traffic logger what is on storage: %s", error)
+            return
+        self._settle(durable["instance"], durable["durable_through"])
+
+    def _give_up(self, batch: list, reason: str, error: BaseException) -> None:
+        self.counts["log_send_failures"] += len(batch)
+        self._inc(self.metrics.undelivered, len(batch), {"model": self.cfg.model_name, "reason": reason})
+        for record in batch:
+            future = self._handoff.pop(record.request_id, None)
+            if future is not None and not future.done():
+                future.set_result(False)
+        logger.error("gave up sending %d traffic records to the logger: %s: %s", len(batch),
+                     type(error).__name__, error)
+
+    @staticmethod
+    def _inc(counter, value: int, tags: dict) -> None:
+        try:  # metrics must never break delivery
+            counter.inc(value, tags=tags)
+        except Exception:  # noqa: BLE001
+            logger.exception("recording a traffic metric failed")
 
     async def flush_traffic(self) -> dict:
-        """Send what is pending, wait for it, and make the logger write its buffer (tests, shutdown)."""
-        self._send_pending()
-        if self._send_tasks:
-            await asyncio.gather(*list(self._send_tasks), return_exceptions=True)
+        """Send what is queued, make the logger write its buffer, settle what is on storage (tests, shutdown)."""
         if self.traffic_logger is None:
             return {}
-        return await self.traffic_logger.flush.remote()
+        self._ensure_sender()
+        await self._send_pending()
+        stats = await self._call_logger("flush")
+        self._settle(stats["instance"], stats["durable_through"])
+        return {**stats, "pending_records": len(self._pending),
+                "unconfirmed_records": sum(len(b) for _, _, b in self._unconfirmed)}
 
     # ----- introspection --------------------------------------------------------------------------
     def info(self) -> dict:
@@ -423,10 +558,16 @@ class SpecPairImpl:
 
     def status(self) -> dict:
         engine = self.loop.engine
-        return {**self.info(), "drafter_source": self._source_spec, "refused": dict(self.refused),
+        try:
+            replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # noqa: BLE001  outside Serve (unit tests)
+            replica = None
+        return {**self.info(), "replica": replica, "drafter_source": self._source_spec, "refused": dict(self.refused),
                 "swaps": self.swaps, "engine_alive": self.loop.alive, "steps": self.loop.steps,
                 "active": len(engine.active), "waiting": len(engine.waiting),
-                "pending_records": len(self._pending), **self.counts}
+                "pending_records": len(self._pending), "logger_instance": self._logger_instance,
+                "sender_running": self._sender is not None and not self._sender.done(),
+                "unconfirmed_records": sum(len(b) for _, _, b in self._unconfirmed), **self.counts}
 
     def check_health(self) -> None:
         if not self.loop.alive:

@@ -28,6 +28,8 @@ def ray_cluster():
 
     if not ray.is_initialized():
         ray.init(
+            # "local": always a fresh cluster, never one a developer or `draftsmith demo` left running.
+            address="local",
             num_cpus=8,
             include_dashboard=True,
             dashboard_host="127.0.0.1",

@@ -21,6 +21,8 @@ RAY_COMMANDS = {
     ("backfill",): "pipelines.backfill:main",
     ("bench", "serve"): "pipelines.bench_serve:main",
     ("bench", "distill"): "pipelines.bench_distill:main",
+    ("demo",): "pipelines.demo:main",
+    ("down",): "pipelines.local_services:main",
 }
 
 
@@ -44,26 +46,12 @@ def _derive(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(argv: list[str]) -> int:
-    from draftsmith import bench_decode
-
-    quick = "--quick" in argv
-    print("Draftsmith demo: speculative decoding on the embedded SmolLM2-135M-Instruct target, with an untrained\n"
-          "drafter derived from it (its first 2 and last layer). The engine is lossless: speculative output equals\n"
-          "the target's own greedy output token for token. An untrained drafter is rarely right, so the speedup\n"
-          "is what distillation (`draftsmith bench distill`) has to earn.\n", flush=True)
-    bench_args = ["--n-prompts", "2" if quick else "8", "--max-new-tokens", "32" if quick else "64"]
-    return bench_decode.main(bench_args)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for words, target in RAY_COMMANDS.items():
         if tuple(argv[: len(words)]) == words:
             return _dispatch(target, argv[len(words):])
-    if argv[:1] == ["demo"]:
-        return _demo(argv[1:])
     if argv[:2] == ["bench", "decode"]:
         from draftsmith import bench_decode
 
@@ -71,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="draftsmith", description="Speculative-decoding serving with online drafter distillation.")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("demo", help="the main job on the embedded defaults (--quick for this CPU)")
+    commands.add_parser("demo", help="the whole loop on the embedded defaults (--quick for this CPU; see "
+                                     "pipelines/demo.py)")
+    commands.add_parser("down", help="stop the Ray cluster and MLflow server that `demo` left running")
     commands.add_parser("serve", help="run the Serve application locally (see serve/app.py)")
     commands.add_parser("distill", help="run a distillation job (see jobs/distill.py)")
     commands.add_parser("evaluate", help="evaluate a challenger against the champion and apply the gate")

@@ -31,6 +31,9 @@ compares like with like). Version TAGS hold provenance (target_id, tokenizer_has
 traffic window, loss, parent_version, ...) and gate bookkeeping (``gate``,
 ``gate_reason``, ``previous_champion``).
 
+Secrets. Params and tags whose key names a secret (token, password, api key...) are stored as
+``[redacted]`` (``redact_secrets``): a job config that carries a credential never leaks it to MLflow.
+
 Failures. Registration creates the run, logs, uploads, and creates the version
 LAST (with its tags in the same call), then points ``challenger`` at it. On any
 error it deletes what it created (best effort) and raises ``RegistryError``, so no
@@ -44,6 +47,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -61,6 +65,17 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 DEFAULT_MODEL_NAME = "draftsmith-drafter"
 DEFAULT_METRIC = "heldout_acceptance_rate"
 ARTIFACT_PATH = "drafter"
+
+
+# Whole name parts only: `auth_token`, `MLFLOW_TRACKING_PASSWORD`, `hf_api_key`, not `max_tokens`.
+_SECRET_KEY = re.compile(r"(^|[_\-.])(token|secret|password|passwd|api_?key|credentials?|authorization)($|[_\-.])",
+                         re.IGNORECASE)
+REDACTED = "[redacted]"
+
+
+def redact_secrets(values: dict[str, Any]) -> dict[str, Any]:
+    """Values whose key names a secret (token, password, api key...) replaced: they never reach MLflow."""
+    return {k: (REDACTED if _SECRET_KEY.search(str(k)) and v not in (None, "") else v) for k, v in values.items()}
 
 
 class RegistryError(RuntimeError):
@@ -143,7 +158,8 @@ class DrafterRegistry:
         drafter_dir = Path(drafter_dir)
         if not (drafter_dir / "config.json").is_file():
             raise RegistryError(f"{drafter_dir} is not a drafter directory (no config.json); save the drafter first")
-        tags = {k: str(v) for k, v in (tags or {}).items()}
+        tags = {k: str(v) for k, v in redact_secrets(tags or {}).items()}
+        params = redact_secrets(params or {})
         if parent_version is not None:
             tags["parent_version"] = str(parent_version)
         run_id = version = None

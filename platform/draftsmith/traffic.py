@@ -230,10 +230,20 @@ class TrafficWriter:
         self.records_written = 0
         self.files_written = 0
         self.records_dropped = 0
+        # Durability bookkeeping for callers that acknowledge records only once they are on storage
+        # (the Serve logger): every record added gets the next sequence number, and after a flush that
+        # leaves nothing buffered every record numbered <= `durable_through` is written (or dropped as
+        # not fitting the schema, which no retry would fix).
+        self.records_added = 0
+        self.durable_through = 0
 
     @property
     def records_buffered(self) -> int:
         return len(self._buffer)
+
+    @property
+    def seconds_since_flush(self) -> float:
+        return self._clock() - self._last_flush
 
     def add(self, record: TrafficRecord) -> int:
         """Buffer one record; returns the number of records flushed as a result (usually 0)."""
@@ -241,6 +251,7 @@ class TrafficWriter:
             raise RuntimeError(f"TrafficWriter for {self.root} is closed")
         with self._lock:
             self._buffer.append(record)
+            self.records_added += 1
         return self.maybe_flush()
 
     def maybe_flush(self) -> int:
@@ -258,6 +269,7 @@ class TrafficWriter:
         buffered and the error propagates.
         """
         with self._lock:
+            added = self.records_added
             groups: dict[str, list[TrafficRecord]] = defaultdict(list)
             for rec in self._buffer:
                 groups[_partition_dir(rec.created_at)].append(rec)
@@ -270,6 +282,8 @@ class TrafficWriter:
                 self._buffer = [r for recs in groups.values() for r in recs]
                 self.records_written += written
                 self._last_flush = self._clock()
+                if not self._buffer:
+                    self.durable_through = added
             return written
 
     def _to_table(self, records: list[TrafficRecord]) -> pa.Table:
@@ -336,6 +350,8 @@ class TrafficScan:
     table: pa.Table
     files_read: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    # (path, rows) of records left out because they belong to another target, revision or tokenizer
+    mismatched: list[tuple[str, int]] = field(default_factory=list)
 
     def records(self) -> Iterator[TrafficRecord]:
         for row in self.table.to_pylist():
@@ -403,7 +419,14 @@ def _iter_tables(uri, filesystem, since, until, equals, scan: TrafficScan) -> It
             scan.skipped.append((path, reason))
             continue
         scan.files_read += 1
-        yield _filter(table, since, until, equals)
+        in_window = _filter(table, since, until, {})
+        kept = _filter(in_window, None, None, equals)
+        if kept.num_rows < in_window.num_rows:
+            n = in_window.num_rows - kept.num_rows
+            scan.mismatched.append((path, n))
+            wanted = ", ".join(f"{k}={v}" for k, v in equals.items() if v is not None)
+            logger.info("left out %d traffic records in %s: not for %s", n, path, wanted)
+        yield kept
 
 
 def scan_traffic(

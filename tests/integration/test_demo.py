@@ -1,0 +1,109 @@
+"""`draftsmith demo` end to end on the tiny target, as a user runs it: a subprocess that starts its own Ray
+head (`ray start`) and MLflow server, serves over HTTP, distills through the Ray Jobs API, promotes and
+hot-swaps, then `draftsmith down` stops exactly what it started.
+
+The tiny target is random, so distillation cannot be expected to beat the untrained drafter here: the gate
+margin is set to -1 so that the promotion and the hot swap always happen, and the figures are checked for
+consistency, not for gains (the README's figures come from `make demo` on SmolLM2).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelines.local_services import LocalServices, pick_port
+
+pytestmark = pytest.mark.integration
+
+
+def _alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    state = tmp_path_factory.mktemp("demo") / "state"
+    sets = {"target": "tiny", "state_dir": str(state), "train_prompts": 40, "heldout_prompts": 8,
+            "distill_steps": 30, "eval_prompts": 4, "max_tokens": 16, "max_prompt_tokens": 200,
+            "eval_temperatures": "[0.0]", "draft_vocab_size": 128, "torch_threads": 1, "gate_margin": -1,
+            "serve_port": pick_port(28000), "mlflow_port": pick_port(25000), "dashboard_port": pick_port(28265),
+            "window": 8}
+    argv = [sys.executable, "-m", "draftsmith.cli", "demo"]
+    for key, value in sets.items():
+        argv += ["--set", f"{key}={value}"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=900, cwd=Path(__file__).parents[2])
+    services = LocalServices.read(state)
+    try:
+        assert done.returncode == 0, done.stderr[-4000:]
+        yield {"summary": json.loads(done.stdout.strip().splitlines()[-1]), "stdout": done.stdout,
+               "state": state, "services": services}
+    finally:
+        down = subprocess.run([sys.executable, "-m", "draftsmith.cli", "down", "--state-dir", str(state)],
+                              capture_output=True, text=True, timeout=180)
+        assert down.returncode == 0, down.stderr[-2000:]
+
+
+def test_the_loop_promotes_and_swaps_without_failed_requests(demo_run):
+    s = demo_run["summary"]
+    for key in ("requests", "failed_requests", "token_acceptance_before_swap", "token_acceptance_after_swap",
+                "tok_s_before_swap", "tok_s_after_swap", "champion_version", "plot", "mlflow_url"):
+        assert key in s, key
+    assert s["failed_requests"] == 0
+    assert s["requests"] == 8 + 40 + 8 + 8  # before, serve, after, autoregressive
+    assert s["promoted"] and s["initial_version"] == "1" and s["champion_version"] == "2"
+    assert Path(s["plot"]).read_bytes()[:4] == b"\x89PNG"
+    rows = [json.loads(line) for line in (demo_run["state"] / "requests.jsonl").read_text().splitlines()]
+    by_phase = {}
+    for row in rows:
+        by_phase.setdefault(row["phase"], set()).add(row["drafter_version"])
+    # The replica served v1 before the swap and v2 after it, without a restart; gamma 0 drafts nothing.
+    assert by_phase["before"] == {"1"} and by_phase["serve"] == {"1"} and by_phase["after"] == {"2"}
+    assert all(r["drafted"] == 0 for r in rows if r["phase"] == "autoregressive")
+    assert "by phase:" in demo_run["stdout"]
+
+
+def test_only_the_serve_phase_is_logged_and_the_job_trained_on_it(demo_run):
+    from draftsmith.traffic import read_traffic
+
+    records = list(read_traffic(demo_run["state"] / "traffic"))
+    assert len(records) == demo_run["summary"]["train_requests_logged"] == 40  # before/after opted out
+    assert {r.drafter_version for r in records} == {"1"}
+
+
+def test_mlflow_shows_the_versions_aliases_and_demo_figures(demo_run):
+    from mlflow import MlflowClient
+
+    from draftsmith.registry import DrafterRegistry
+
+    url = demo_run["summary"]["mlflow_url"]
+    registry = DrafterRegistry(url, model_name="draftsmith-drafter")
+    versions = {v.version: v for v in registry.list_versions()}
+    assert set(versions) == {"1", "2"}
+    assert "champion" in versions["2"].aliases
+    assert versions["2"].tags.get("parent_version") == "1"
+    assert "heldout_acceptance_rate" in versions["2"].metrics  # the gate's evaluation
+    assert "served_token_acceptance" in versions["2"].metrics  # what the demo measured while it served
+    client = MlflowClient(tracking_uri=url)
+    experiment = client.get_experiment_by_name("draftsmith-demo")
+    run = client.search_runs([experiment.experiment_id])[0]
+    assert run.data.metrics["token_acceptance_after_swap"] == pytest.approx(
+        demo_run["summary"]["token_acceptance_after_swap"], abs=1e-3)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"timeline.png", "timeline.txt", "requests.jsonl"} <= artifacts
+
+
+def test_down_stops_exactly_what_the_demo_started(demo_run):
+    services = demo_run["services"]
+    assert services is not None and services.ray_pgid and services.mlflow_pgid
+    subprocess.run([sys.executable, "-m", "draftsmith.cli", "down", "--state-dir", str(demo_run["state"])],
+                   check=True, capture_output=True, timeout=180)
+    assert not _alive(services.ray_pgid) and not _alive(services.mlflow_pgid)
+    assert LocalServices.read(demo_run["state"]) is None

@@ -1,0 +1,50 @@
+"""draftsmith.timeline pools served figures with DESIGN.md's definitions, in windows that never overlap."""
+
+import pytest
+
+from draftsmith.timeline import format_table, phase_summary, plot_timeline, windows
+
+
+def _row(phase, started, finished, version="1", tokens=10, drafted=8, accepted=4, compared=6, steps=4,
+         emitted=8, error=None):
+    return {"phase": phase, "started": started, "finished": finished, "drafter_version": version,
+            "completion_tokens": tokens, "drafted": drafted, "accepted": accepted, "compared": compared,
+            "steps": steps, "emitted_in_steps": emitted, "error": error}
+
+
+def test_windows_split_by_size_phase_and_version_and_pool_counters():
+    rows = [_row("serve", 0.0, 1.0), _row("serve", 0.5, 2.0), _row("serve", 1.0, 3.0, accepted=0, compared=2),
+            _row("serve", 2.0, 4.0, version="2"), _row("after", 10.0, 12.0, version="2")]
+    groups = windows(rows, 2)
+    assert [(g.phase, g.drafter_version, g.requests) for g in groups] == [
+        ("serve", "1", 2), ("serve", "1", 1), ("serve", "2", 1), ("after", "2", 1)]
+    first = groups[0]
+    assert first.token_acceptance == pytest.approx(8 / 12)
+    assert first.acceptance_rate == pytest.approx(8 / 16)
+    assert first.mean_accepted_length == pytest.approx(16 / 8)
+    # The first window starts at the phase's first send; later ones at the previous window's last completion.
+    assert first.seconds == pytest.approx(2.0) and first.tok_s == pytest.approx(10.0)
+    assert groups[1].seconds == pytest.approx(1.0)
+    assert groups[2].seconds == pytest.approx(1.0)
+    assert groups[3].seconds == pytest.approx(2.0)
+    assert [g.requests_served for g in groups] == [2, 3, 4, 5]
+
+
+def test_failed_requests_count_but_add_no_tokens():
+    rows = [_row("before", 0.0, 1.0), _row("before", 0.0, 1.5, error="HTTP 500: boom")]
+    summary = phase_summary(rows, "before")
+    assert (summary.requests, summary.failed, summary.tokens, summary.requests_served) == (2, 1, 10, 1)
+    assert summary.seconds == pytest.approx(1.5)
+    assert "before" in format_table([summary])
+
+
+def test_window_size_must_be_positive():
+    with pytest.raises(ValueError, match="window size"):
+        windows([], 0)
+
+
+def test_plot_marks_the_version_change(tmp_path):
+    rows = [_row("serve", 0, 1), _row("serve", 1, 2), _row("after", 3, 4, version="2"),
+            _row("after", 4, 5, version="2")]
+    path = plot_timeline(windows(rows, 1), tmp_path / "plot.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
