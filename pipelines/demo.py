@@ -192,7 +192,7 @@ def wait_for_drafter(base: str, version: str, timeout_s: float) -> float:
     raise TimeoutError(f"the replica did not swap to drafter v{version} within {timeout_s:.0f} s")
 
 
-def run_job(trigger, min_records: int, timeout_s: float) -> tuple[str, Any]:
+def run_job(trigger, timeout_s: float) -> tuple[str, Any]:
     """Let the trigger decide (it waits for idle serving) and submit; follow the job until it ends."""
     deadline = time.monotonic() + 120
     job_id = None
@@ -247,11 +247,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     # `ray start` turns on token authentication; Ray reads the mode when it is imported (see local_services).
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
-    from ray import serve
-
     from draftsmith.models import load_model
     from draftsmith.registry import DrafterRegistry
     from draftsmith.timeline import format_table, phase_summary, plot_timeline, windows
+    from ray import serve
+
     from pipelines.local_services import pick_port, start_services, stop_services
     from pipelines.replay import replay
     from pipelines.trigger import DistillTrigger, TriggerConfig
@@ -302,7 +302,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         evaluate_config=str(evaluate_yaml), entrypoint_num_cpus=0, working_dir=str(REPO_ROOT),
         python=sys.executable))  # the local cluster runs this environment's interpreter
     job_started = time.monotonic()
-    job_id, outcome = run_job(trigger, logged, cfg.job_timeout_s)
+    job_id, outcome = run_job(trigger, cfg.job_timeout_s)
     job_seconds = time.monotonic() - job_started
     if outcome.status != "SUCCEEDED":
         raise RuntimeError(f"distillation job {job_id} ended {outcome.status}; its log ends with:\n"

@@ -79,9 +79,8 @@ def test_only_the_serve_phase_is_logged_and_the_job_trained_on_it(demo_run):
 
 
 def test_mlflow_shows_the_versions_aliases_and_demo_figures(demo_run):
-    from mlflow import MlflowClient
-
     from draftsmith.registry import DrafterRegistry
+    from mlflow import MlflowClient
 
     url = demo_run["summary"]["mlflow_url"]
     registry = DrafterRegistry(url, model_name="draftsmith-drafter")
