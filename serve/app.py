@@ -78,8 +78,11 @@ def load_tokenizer(spec: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def _upstream_error(error: BaseException) -> ProtocolError:
-    """A failure of the call to the SpecPair (replica killed, restarting, overloaded) as a clear 503."""
+def _upstream_error(error: BaseException, request_id: str | None = None) -> ProtocolError:
+    """A failure of the call to the SpecPair (replica killed, restarting, overloaded) as a clear 503;
+    logged when it ends a request (`request_id`)."""
+    if request_id is not None:
+        logger.warning("request %s failed in the SpecPair: %s: %s", request_id, type(error).__name__, error)
     return ProtocolError(503, f"The replica serving this request failed before it finished "
                               f"({type(error).__name__}); the request was not completed: retry it.",
                          type="server_error", code="replica_unavailable")
@@ -240,8 +243,7 @@ class Ingress:
             try:
                 result = await self.pair.generate.remote(payload)
             except Exception as error:  # noqa: BLE001  the replica died or could not be reached
-                logger.warning("request %s failed in the SpecPair: %s: %s", request_id, type(error).__name__, error)
-                raise _upstream_error(error) from None
+                raise _upstream_error(error, request_id) from None
             _raise_if_error(result, max_tokens_param="max_tokens")
             build = chat_response if kind == "chat" else completion_response
             return build(request_id, model, result["text"], result["finish_reason"], result["usage"],
@@ -251,8 +253,7 @@ class Ingress:
             try:
                 first = await stream.__anext__()
             except Exception as error:  # noqa: BLE001  the replica died or could not be reached
-                logger.warning("request %s failed in the SpecPair: %s: %s", request_id, type(error).__name__, error)
-                raise _upstream_error(error) from None
+                raise _upstream_error(error, request_id) from None
             _raise_if_error(first, max_tokens_param="max_tokens")
         except BaseException:
             stream.cancel()
@@ -286,8 +287,7 @@ class Ingress:
                     chunk = {"error": {"message": "the stream ended without a result", "type": "server_error",
                                        "param": None, "code": "replica_unavailable"}}
                 except Exception as error:  # noqa: BLE001  the replica died mid-stream: say so in the stream
-                    logger.warning("stream %s failed in the SpecPair: %s: %s", request_id, type(error).__name__, error)
-                    chunk = _upstream_error(error).body()
+                    chunk = _upstream_error(error, request_id).body()
             yield SSE_DONE
         finally:
             stream.cancel()  # no-op when finished; frees the engine slot when the client disconnected

@@ -478,10 +478,7 @@ class SpecPairImpl:
                 del self._pending[: len(batch)]
                 self._send_attempts = 0
                 self.counts["logged_sent"] += len(batch)
-                for record in batch:
-                    future = self._handoff.pop(record.request_id, None)
-                    if future is not None and not future.done():
-                        future.set_result(True)
+                self._resolve_handoffs(batch, True)
                 self._unconfirmed.append((ack["instance"], int(ack["seq"]), batch))
                 self._settle(ack["instance"], ack.get("durable_through"))
 
@@ -501,7 +498,7 @@ class SpecPairImpl:
         self._logger_instance = instance
         if durable_through is not None:
             self._unconfirmed = [e for e in self._unconfirmed if not (e[0] == instance and e[1] <= durable_through)]
-        held = sum(len(batch) for _, _, batch in self._unconfirmed)
+        held = self._unconfirmed_count
         while held > self.cfg.traffic.max_unconfirmed_records and self._unconfirmed:
             _, _, batch = self._unconfirmed.pop(0)
             held -= len(batch)
@@ -519,13 +516,21 @@ class SpecPairImpl:
             return
         self._settle(durable["instance"], durable["durable_through"])
 
-    def _give_up(self, batch: list, reason: str, error: BaseException) -> None:
-        self.counts["log_send_failures"] += len(batch)
-        self._inc(self.metrics.undelivered, len(batch), {"model": self.cfg.model_name, "reason": reason})
+    def _resolve_handoffs(self, batch: list, received: bool) -> None:
+        """Release the responses waiting on these records (`received`: the logger has them)."""
         for record in batch:
             future = self._handoff.pop(record.request_id, None)
             if future is not None and not future.done():
-                future.set_result(False)
+                future.set_result(received)
+
+    @property
+    def _unconfirmed_count(self) -> int:
+        return sum(len(batch) for _, _, batch in self._unconfirmed)
+
+    def _give_up(self, batch: list, reason: str, error: BaseException) -> None:
+        self.counts["log_send_failures"] += len(batch)
+        self._inc(self.metrics.undelivered, len(batch), {"model": self.cfg.model_name, "reason": reason})
+        self._resolve_handoffs(batch, False)
         logger.error("gave up sending %d traffic records to the logger: %s: %s", len(batch),
                      type(error).__name__, error)
 
@@ -545,7 +550,7 @@ class SpecPairImpl:
         stats = await self._call_logger("flush")
         self._settle(stats["instance"], stats["durable_through"])
         return {**stats, "pending_records": len(self._pending),
-                "unconfirmed_records": sum(len(b) for _, _, b in self._unconfirmed)}
+                "unconfirmed_records": self._unconfirmed_count}
 
     # ----- introspection --------------------------------------------------------------------------
     def info(self) -> dict:
@@ -567,7 +572,7 @@ class SpecPairImpl:
                 "active": len(engine.active), "waiting": len(engine.waiting),
                 "pending_records": len(self._pending), "logger_instance": self._logger_instance,
                 "sender_running": self._sender is not None and not self._sender.done(),
-                "unconfirmed_records": sum(len(b) for _, _, b in self._unconfirmed), **self.counts}
+                "unconfirmed_records": self._unconfirmed_count, **self.counts}
 
     def check_health(self) -> None:
         if not self.loop.alive:

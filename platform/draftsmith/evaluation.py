@@ -51,9 +51,7 @@ class DecodeMetrics(AcceptanceRates):
         return self.output_tokens / self.seconds if self.seconds > 0 else 0.0
 
     def as_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "acceptance_rate": self.acceptance_rate,
-                "token_acceptance": self.token_acceptance, "mean_accepted_length": self.mean_accepted_length,
-                "tok_s": self.tok_s}
+        return {**dataclasses.asdict(self), **self.rates(), "tok_s": self.tok_s}
 
     @classmethod
     def pooled(cls, results: Sequence[GenerationResult], seconds: float) -> "DecodeMetrics":

@@ -67,6 +67,11 @@ class AcceptanceRates:
     def mean_accepted_length(self) -> float:
         return self.emitted_in_steps / self.steps if self.steps else 0.0
 
+    def rates(self) -> dict[str, float]:
+        """The three derived rates by name (for reports and JSON)."""
+        return {"acceptance_rate": self.acceptance_rate, "token_acceptance": self.token_acceptance,
+                "mean_accepted_length": self.mean_accepted_length}
+
 
 @dataclasses.dataclass
 class RequestStats(AcceptanceRates):
@@ -82,12 +87,7 @@ class RequestStats(AcceptanceRates):
     prefill_seconds: float = 0.0
 
     def as_dict(self) -> dict:
-        return {
-            **dataclasses.asdict(self),
-            "acceptance_rate": self.acceptance_rate,
-            "token_acceptance": self.token_acceptance,
-            "mean_accepted_length": self.mean_accepted_length,
-        }
+        return {**dataclasses.asdict(self), **self.rates()}
 
 
 @dataclasses.dataclass

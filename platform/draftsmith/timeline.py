@@ -42,9 +42,7 @@ class Pooled(AcceptanceRates):
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
     def as_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "token_acceptance": self.token_acceptance,
-                "acceptance_rate": self.acceptance_rate, "mean_accepted_length": self.mean_accepted_length,
-                "tok_s": self.tok_s}
+        return {**dataclasses.asdict(self), **self.rates(), "tok_s": self.tok_s}
 
 
 def _add(group: Pooled, row: Mapping) -> None:
