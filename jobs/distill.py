@@ -91,7 +91,8 @@ class DistillJobConfig(BaseModel):
     grad_clip: float | None = Field(1.0, description="max grad norm (None: off)")
     train_head: bool = Field(True, description="also train the final norm and a separate/trimmed head")
     full_teacher_logits: bool = Field(False, description="recompute full target logits (loads the target per worker)")
-    layer_parallel_groups: int | None = Field(None, ge=1, description="train through layer-parallel forward")
+    layer_parallel_groups: int | None = Field(None, ge=1, description="layer-parallel-aware training with groups of "
+                                              "this size: the sequential and the grouped forward's losses, averaged")
     seed: int = Field(0, description="data order and initialization seed")
     # scaling and strategy
     num_workers: int = Field(1, ge=1, description="Ray Train workers")
@@ -328,8 +329,9 @@ def train_loop_per_worker(config: dict) -> None:
             model.step()
         else:
             stats = train_step(model, optimizer, batch, algo, target_model=target_model)
-        for key in ("loss", "top1_match", "tokens"):
-            window[key] += stats[key]
+        for key in ("loss", "top1_match", "tokens", "top1_match_layer_parallel"):
+            if key in stats:  # the last one only in layer-parallel-aware training
+                window[key] = window.get(key, 0.0) + stats[key]
         window["n"] += 1
         tokens_seen += stats["tokens"]
         done = step + 1
@@ -340,6 +342,8 @@ def train_loop_per_worker(config: dict) -> None:
                    "loss": window["loss"] / window["n"], "top1_match": window["top1_match"] / window["n"],
                    "tokens_per_s": window["tokens"] * world / max(elapsed, 1e-9),
                    "train_tokens": tokens_seen * world}
+        if "top1_match_layer_parallel" in window:
+            metrics["top1_match_layer_parallel"] = window["top1_match_layer_parallel"] / window["n"]
         window = {"loss": 0.0, "top1_match": 0.0, "tokens": 0.0, "n": 0}
         window_start = time.perf_counter()
         if mlflow:

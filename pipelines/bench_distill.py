@@ -49,6 +49,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--backfill-batch-size", type=int, default=8)
     # drafter design
     p.add_argument("--layers", default="first2+last1", help="target layers kept (first2+last1, 0,1,29, ...)")
+    p.add_argument("--init-drafter", help="start from this drafter directory instead of deriving one "
+                   "(--layers and --draft-vocab-size are then ignored)")
+    p.add_argument("--layer-parallel", type=int, default=None, metavar="GROUP_SIZE",
+                   help="layer-parallel-aware distillation: train the sequential and the grouped forward")
     p.add_argument("--draft-vocab-size", type=int, default=None, help="trimmed head size (None: full vocab)")
     p.add_argument("--loss", choices=["fkl", "rkl", "jsd", "tvd"], default="fkl")
     p.add_argument("--jsd-beta", type=float, default=0.5)
@@ -56,6 +60,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs passes)")
     p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-train-minutes", type=float, default=None,
+                   help="stop the in-process training after this long (a compute budget; the steps run are reported)")
     p.add_argument("--batch-size", type=int, default=8, help="records per step (per worker)")
     p.add_argument("--max-seq-len", type=int, default=512)
     p.add_argument("--no-train-head", action="store_true", help="freeze the final norm and trimmed head")
@@ -76,6 +82,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--save-drafter", help="write the distilled drafter directory here")
     p.add_argument("--plot", help="write the before/after comparison PNG here")
     args = p.parse_args(argv)
+    if args.max_train_minutes and not args.in_process:
+        p.error("--max-train-minutes bounds the in-process loop: add --in-process (Ray Train runs --steps)")
     if args.workers > 1 and args.in_process:
         p.error("--in-process trains in one process: drop it to use --workers > 1 (Ray Train)")
     return args
@@ -130,8 +138,9 @@ def train_in_process(args, drafter, train_dataset, target) -> tuple[object, dict
         torch.set_num_threads(args.torch_threads)
     config = DistillConfig(loss=args.loss, jsd_beta=args.jsd_beta, wrong_weight=args.wrong_weight, lr=args.lr,
                            batch_size=args.batch_size, max_seq_len=args.max_seq_len, steps=args.steps,
-                           epochs=args.epochs, train_head=not args.no_train_head, seed=args.seed)
-    student = DistillStudent(drafter, train_head=config.train_head)
+                           epochs=args.epochs, train_head=not args.no_train_head, seed=args.seed,
+                           layer_parallel_groups=args.layer_parallel)
+    student = DistillStudent(drafter, train_head=config.train_head, layer_parallel_groups=args.layer_parallel)
     optimizer = make_optimizer(student, config)
     n = len(train_dataset)
     steps = config.steps or max(1, config.epochs * math.ceil(n / config.batch_size))
@@ -140,8 +149,14 @@ def train_in_process(args, drafter, train_dataset, target) -> tuple[object, dict
     pad_id = target.tokenizer.pad_token_id or 0
     stats: dict = {}
     tokens = 0.0
+    deadline = time.perf_counter() + 60 * args.max_train_minutes if args.max_train_minutes else math.inf
+    done = 0
     with tqdm(total=steps, desc="distill", unit="step", file=sys.stderr) as bar:
         for step in range(steps):
+            if time.perf_counter() >= deadline:
+                logger.info("training budget of %.1f min spent after %d of %d steps", args.max_train_minutes,
+                            step, steps)
+                break
             if len(order) < config.batch_size:
                 epoch = list(range(n))
                 rng.shuffle(epoch)
@@ -152,11 +167,12 @@ def train_in_process(args, drafter, train_dataset, target) -> tuple[object, dict
             batch = collate(records, max_seq_len=config.max_seq_len, pad_id=pad_id)
             stats = train_step(student, optimizer, batch, config)
             tokens += stats["tokens"]
+            done = step + 1
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.3f}", top1=f"{stats['top1_match']:.2f}")
     student.eval()
-    info = {"steps": steps, "train_tokens": int(tokens), "final_loss": stats.get("loss"),
-            "final_top1": stats.get("top1_match")}
+    info = {"steps": done, "train_tokens": int(tokens), "final_loss": stats.get("loss"),
+            "final_top1": stats.get("top1_match"), "final_top1_layer_parallel": stats.get("top1_match_layer_parallel")}
     return student.to_drafter("distilled"), info
 
 
@@ -165,7 +181,8 @@ def train_with_ray(args, traffic_uri: str, state_dir: str, target) -> tuple[obje
     from jobs.distill import DistillJobConfig, run_distill
 
     cfg = DistillJobConfig(
-        traffic_uri=traffic_uri, heldout_fraction=0.0, target=args.target, drafter=f"derived:{args.layers}",
+        traffic_uri=traffic_uri, heldout_fraction=0.0, target=args.target,
+        drafter=args.init_drafter or f"derived:{args.layers}", layer_parallel_groups=args.layer_parallel,
         draft_vocab_size=args.draft_vocab_size, loss=args.loss, jsd_beta=args.jsd_beta,
         wrong_weight=args.wrong_weight, lr=args.lr, batch_size=args.batch_size, max_seq_len=args.max_seq_len,
         steps=args.steps, epochs=args.epochs, train_head=not args.no_train_head, seed=args.seed,
@@ -187,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from draftsmith.bench_decode import leviathan
     from draftsmith.datasets_io import load_prompt_source
     from draftsmith.evaluation import evaluate_drafters, plot_comparison, prompts_from_messages
-    from draftsmith.models import derive_drafter, frequent_token_ids, load_model, save_drafter
+    from draftsmith.models import derive_drafter, frequent_token_ids, load_drafter, load_model, save_drafter
     from pipelines.dataset import build_distill_dataset
 
     torch.manual_seed(args.seed)
@@ -208,10 +225,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("no training records: check --source / --n")
 
     vocab = None
-    if args.draft_vocab_size:
+    if args.draft_vocab_size and not args.init_drafter:
         vocab = frequent_token_ids(data.train["output_token_ids"], args.draft_vocab_size,
                                    always=target.eos_token_ids)
-    drafter = derive_drafter(target, args.layers, draft_vocab_ids=vocab)
+    if args.init_drafter:
+        drafter = load_drafter(args.init_drafter, target, version="init")
+    else:
+        drafter = derive_drafter(target, args.layers, draft_vocab_ids=vocab)
     messages = load_prompt_source(args.heldout, args.heldout_n, split="heldout")
     prompts = prompts_from_messages(target.tokenizer, messages, args.eval_max_prompt_tokens)
     logger.info("held-out: %d prompts from %s (%d tokens)", len(prompts), args.heldout,
@@ -254,7 +274,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "traffic_seconds": round(traffic_seconds, 2), "train_seconds": round(train_seconds, 2),
         "train_backend": f"ray_train({args.workers}x{args.strategy})" if use_ray else "in_process",
         "steps": train_info["steps"], "final_loss": train_info["final_loss"],
-        "layers": drafter.meta["layers"], "draft_vocab_size": args.draft_vocab_size, "loss": args.loss,
+        "final_top1": train_info.get("final_top1"), "final_top1_layer_parallel": train_info.get("final_top1_layer_parallel"),
+        "layers": drafter.meta.get("layers"), "init_drafter": args.init_drafter,
+        "layer_parallel_training": args.layer_parallel,
+        "draft_vocab_size": None if trained.head_token_ids is None else trained.head_token_ids.numel(),
+        "loss": args.loss,
         "lr": args.lr, "gamma": args.gamma, "heldout": args.heldout, "heldout_prompts": len(prompts),
         "max_new_tokens": args.max_new_tokens,
         "token_acceptance_before": b.token_acceptance, "token_acceptance_after": a.token_acceptance,

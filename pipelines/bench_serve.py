@@ -16,7 +16,6 @@ import asyncio
 import json
 import logging
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -24,6 +23,8 @@ import time
 
 import httpx
 from tqdm import tqdm
+
+from draftsmith.ports import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -191,12 +192,6 @@ def _engine_tok_s(args, prompts: list, batched_prompts: list) -> dict:
     return report
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_local(args) -> tuple[str, str]:
     import ray
     from ray import serve
@@ -207,7 +202,7 @@ def _start_local(args) -> tuple[str, str]:
     if not ray.is_initialized():
         ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app({
         "model_name": args.model, "target": args.target, "drafter": args.drafter,

@@ -248,11 +248,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
     from draftsmith.models import load_model
+    from draftsmith.ports import pick_port
     from draftsmith.registry import DrafterRegistry
     from draftsmith.timeline import format_table, phase_summary, plot_timeline, windows
     from ray import serve
 
-    from pipelines.local_services import pick_port, start_services, stop_services
+    from pipelines.local_services import start_services, stop_services
     from pipelines.replay import replay
     from pipelines.trigger import DistillTrigger, TriggerConfig
     from serve.app import build_app

@@ -17,16 +17,16 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from draftsmith.ports import LOOPBACK, pick_port
+
 logger = logging.getLogger(__name__)
 
 SERVICES_FILE = "services.json"
-LOOPBACK = "127.0.0.1"
 
 
 class ServiceError(RuntimeError):
@@ -58,25 +58,6 @@ class LocalServices:
         except (ValueError, TypeError) as error:
             logger.warning("ignoring unreadable %s: %s", path, error)
             return None
-
-
-def port_free(port: int, host: str = LOOPBACK) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def pick_port(preferred: int, host: str = LOOPBACK) -> int:
-    """`preferred` when it is free (the addresses users expect), else any free port."""
-    if port_free(preferred, host):
-        return preferred
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _ray_cli() -> list[str]:

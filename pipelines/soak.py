@@ -22,7 +22,6 @@ import collections
 import json
 import logging
 import os
-import socket
 import sys
 import tempfile
 import threading
@@ -33,6 +32,8 @@ from pathlib import Path
 
 import httpx
 from tqdm import tqdm
+
+from draftsmith.ports import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +49,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-threads", type=int, default=1, help="torch threads in the replica")
     p.add_argument("--work-dir", default=None, help="drafters and traffic log (default: a temp dir)")
     return p
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_serve(port: int) -> int:
@@ -188,7 +183,7 @@ def run_soak(seconds: float, *, clients: int = 8, max_tokens: int = 24, target: 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=True,
                  dashboard_host="127.0.0.1", log_to_driver=False, configure_logging=False)
-    port = start_serve(_free_port())
+    port = start_serve(free_port())
     args = {"target": target, "drafter": str(current), "drafter_poll_interval_s": 1.0,
             "engine": {"max_model_len": 256, "max_batch_size": clients, "num_speculative_tokens": 3},
             "traffic": {"uri": str(traffic), "flush_every_seconds": 5.0},

@@ -37,9 +37,10 @@ class EngineSettings(_Section):
     default_max_tokens: int = Field(256, ge=1, description="max_tokens for chat requests that do not set it.")
     layer_parallel_group_size: int = Field(1, ge=1, description="Layer-parallel drafting (EasySpec): drafter "
                                            "layers per group run at once on the same input; 1 = sequential.")
-    layer_parallel_devices: list[str] = Field(default_factory=list, description="Devices of the pair for "
-                                              "layer-parallel drafting (one layer per device); empty = stacked "
-                                              "groups on the drafter's own device.")
+    layer_parallel_devices: list[str] = Field(default_factory=list, description="Devices of the pair: a "
+                                              "group's drafter layers run on them concurrently (round robin) "
+                                              "and the target is split over them in contiguous stages; empty "
+                                              "= one device, stacked groups.")
 
 
 class TrafficSettings(_Section):

@@ -185,8 +185,13 @@ class SpecPairImpl:
         self.tokenizer_hash = self.target.tokenizer_hash
         tokenizer = self.target.tokenizer
         e = cfg.engine
+        target_runner = runner_for(self.target.model)
+        if len(e.layer_parallel_devices) > 1:  # a multi-device pair: the target is split over the same devices
+            from draftsmith.layer_parallel import split_target
+
+            split_target(target_runner, e.layer_parallel_devices)
         engine = SpecEngine(
-            runner_for(self.target.model), None,
+            target_runner, None,
             config=EngineConfig(num_speculative_tokens=e.num_speculative_tokens, max_batch_size=e.max_batch_size,
                                 max_model_len=e.max_model_len, topk_logprobs=e.topk_logprobs, seed=e.seed),
             eos_token_ids=self.target.eos_token_ids,

@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--layer-parallel", type=int, default=0,
                         help="also measure layer-parallel drafting with groups of this size")
+    parser.add_argument("--pair-devices", default="",
+                        help="comma-separated devices of a multi-device pair (cuda:0,cuda:1): the target is split "
+                        "over them in stages, a layer-parallel group's drafter layers run on them concurrently")
     parser.add_argument("--skip-hf", action="store_true", help="skip the transformers baselines")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -157,6 +160,14 @@ def run(args: argparse.Namespace) -> dict:
     prompts = render_prompts(target, args.prompts, args.n_prompts, args.max_prompt_tokens)
     logger.info("%d prompts, %d-%d tokens", len(prompts), min(map(len, prompts)), max(map(len, prompts)))
     target_runner, drafter_runner = runner_for(target.model), runner_for(None, drafter)
+    pair_devices = [d.strip() for d in args.pair_devices.split(",") if d.strip()]
+    if len(pair_devices) > 1:
+        from draftsmith.layer_parallel import split_target
+
+        if not args.skip_hf:
+            raise SystemExit("--pair-devices splits the target's HF module across devices, which transformers' "
+                             "generate() does not run: add --skip-hf")
+        split_target(target_runner, pair_devices)
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     max_len = max(map(len, prompts)) + args.max_new_tokens + args.gamma + 2
 
@@ -257,7 +268,8 @@ def run(args: argparse.Namespace) -> dict:
         from draftsmith.layer_parallel import measure_layer_parallel
 
         report.update(measure_layer_parallel(target_runner, drafter_runner, prompts, group_size=args.layer_parallel,
-                                             gamma=args.gamma, max_new_tokens=args.max_new_tokens))
+                                             gamma=args.gamma, max_new_tokens=args.max_new_tokens,
+                                             devices=pair_devices if len(pair_devices) > 1 else ()))
     return report
 
 

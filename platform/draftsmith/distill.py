@@ -6,7 +6,9 @@ and reads its logits at the positions that predicted each output token (`Distill
 `student_logits`), compares them with the target's logged top-k log-probabilities (or with full
 target logits recomputed on the same batch when `full_teacher_logits` is set) through
 `draftsmith.losses`, optionally up-weighting the positions where the drafter's argmax differs from
-the target's top-1 (as OSD does), and takes an optimizer step (`train_step`). Pure torch.
+the target's top-1 (as OSD does), and takes an optimizer step (`train_step`). Layer-parallel-aware
+training (`layer_parallel_groups` > 1) adds the drafter's grouped forward (EasySpec's approximation,
+`layer_parallel.training_forward`) to the same step and averages both losses. Pure torch.
 
 What it does not do: read the traffic log (pipelines/), distribute training, checkpoint, or log to
 MLflow (jobs/distill.py does, with Ray Train), or save drafters (models.save_drafter).
@@ -54,7 +56,9 @@ class DistillConfig:
     grad_clip: float | None = 1.0
     train_head: bool = True  # also the final norm and a separate (trimmed or untied) head
     full_teacher_logits: bool = False  # recompute the target's full logits instead of the logged top-k
-    layer_parallel_groups: int | None = None  # train through layer_parallel.training_forward(group_size=)
+    # > 1: layer-parallel-aware training, the loss of the sequential and of the layer-parallel forward
+    # (layer_parallel.training_forward with this group size), averaged; None or 1: sequential only.
+    layer_parallel_groups: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -174,31 +178,39 @@ class DistillStudent(nn.Module):
         """[V_draft] full-vocabulary id of each logit column, or None for the full vocabulary."""
         return self.head_token_ids
 
-    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[B, L] -> final (normed) hidden states [B, L, H]."""
-        if self.layer_parallel_groups:
-            try:
-                from draftsmith.layer_parallel import training_forward
-            except ImportError as error:
-                raise RuntimeError(
-                    "layer_parallel_groups is set but draftsmith.layer_parallel.training_forward is not "
-                    f"available ({error}); unset layer_parallel_groups to train with the ordinary forward."
-                ) from error
+    def hidden_states(self, input_ids: torch.Tensor, *, layer_parallel: bool = False) -> torch.Tensor:
+        """[B, L] -> final (normed) hidden states [B, L, H], sequential or under the layer-parallel plan."""
+        if layer_parallel:
+            from draftsmith.layer_parallel import training_forward
+
             # training_forward returns the hidden states before the final norm.
             hidden = training_forward(self.model, input_ids, group_size=self.layer_parallel_groups)
             return self.model.model.norm(hidden)
         return self.model.model(input_ids=input_ids, use_cache=False).last_hidden_state
 
     def forward(self, input_ids: torch.Tensor, pred_positions: torch.Tensor) -> torch.Tensor:
-        """input_ids [B, L], pred_positions [B, T] -> student logits [B, T, V_draft]."""
+        """input_ids [B, L], pred_positions [B, T] -> student logits [B, T, V_draft].
+
+        Layer-parallel-aware (`layer_parallel_groups` > 1): logits [2B, T, V_draft], the sequential
+        forward's rows first, then the layer-parallel forward's. Serving drafts the first token of each
+        step sequentially (KV calibration) and the other gamma - 1 under the plan, so the drafter is
+        trained for both; one forward call keeps DDP / DeepSpeed at one forward per backward.
+        """
         if input_ids.dim() != 2 or pred_positions.dim() != 2 or input_ids.shape[0] != pred_positions.shape[0]:
             raise ValueError(f"input_ids [B, L] and pred_positions [B, T] expected, got "
                              f"{tuple(input_ids.shape)} and {tuple(pred_positions.shape)}")
         hidden = self.hidden_states(input_ids)  # [B, L, H]
+        if self.layer_parallel_aware:
+            hidden = torch.cat([hidden, self.hidden_states(input_ids, layer_parallel=True)])
+            pred_positions = torch.cat([pred_positions, pred_positions])
         # Only the predicting positions go through the head: the head is most of a small drafter's cost.
         picked = hidden.gather(1, pred_positions[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, T, H]
         weight = self.head if self.head is not None else self.model.get_output_embeddings().weight
         return picked @ weight.to(picked.dtype).T
+
+    @property
+    def layer_parallel_aware(self) -> bool:
+        return bool(self.layer_parallel_groups) and self.layer_parallel_groups > 1
 
     def to_drafter(self, version: str = "local") -> Drafter:
         """The trained drafter (shares tensors with this module; detach before further training)."""
@@ -235,18 +247,19 @@ def distill_loss(student: nn.Module, batch: DistillBatch, config: DistillConfig,
                  target_model: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The weighted divergence over real output positions, and stats (loss, top-1 match, tokens)."""
     inner = _unwrap(student)
-    logits = student(batch.input_ids, batch.pred_positions)  # [B, T, V_draft]
-    mask = batch.mask
+    logits = student(batch.input_ids, batch.pred_positions)  # [B, T, V_draft] ([2B, ...]: layer-parallel-aware)
+    copies = logits.shape[0] // batch.input_ids.shape[0]  # the sequential and layer-parallel rows share targets
+    mask = batch.mask.repeat(copies, 1)
     flat = logits[mask]  # [N, V_draft]
-    top_ids = batch.topk_ids[mask]  # [N, k]
-    top_logprobs = batch.topk_logprobs[mask]  # [N, k]
+    top_ids = batch.topk_ids.repeat(copies, 1, 1)[mask]  # [N, k]
+    top_logprobs = batch.topk_logprobs.repeat(copies, 1, 1)[mask]  # [N, k]
     vocab_ids = inner.vocab_ids
     teacher_top1 = top_ids.gather(1, top_logprobs.argmax(-1, keepdim=True))[:, 0]  # [N]
     teacher_kwargs: dict[str, torch.Tensor] = {"teacher_topk_ids": top_ids, "teacher_topk_logprobs": top_logprobs}
     if config.full_teacher_logits:
         if target_model is None:
             raise ValueError("full_teacher_logits needs the target model: pass target_model=")
-        full = teacher_logits(target_model, batch)[mask].float()  # [N, V]
+        full = teacher_logits(target_model, batch).repeat(copies, 1, 1)[mask].float()  # [N, V]
         teacher_kwargs = {"teacher_logits": full}
         teacher_top1 = full.argmax(-1)
     with torch.no_grad():
@@ -259,7 +272,9 @@ def distill_loss(student: nn.Module, batch: DistillBatch, config: DistillConfig,
     loss = losses.distill_loss(flat, student_token_ids=vocab_ids, weights=weights, divergence=config.loss,
                                beta=config.jsd_beta, **teacher_kwargs)
     stats = {"loss": float(loss.detach()), "top1_match": float(match.mean()) if match.numel() else 0.0,
-             "tokens": float(mask.sum())}
+             "tokens": float(batch.mask.sum())}
+    if copies == 2:  # the layer-parallel forward's own agreement (the rows after the sequential ones)
+        stats["top1_match_layer_parallel"] = float(match[int(batch.mask.sum()):].mean()) if match.numel() else 0.0
     return loss, stats
 
 

@@ -26,7 +26,9 @@ Execution. `LayerParallelExecutor` is installed as `runner.layer_executor` (see 
 - several devices (`LayerParallelConfig.devices`): layer l's weights and its KV cache shard live on
   devices[l % len(devices)]; a group's members run concurrently in a thread pool (CUDA kernels and CPU
   ops release the GIL), each on its device from a copy of h, and their updates are summed on the
-  runner's device. Sequential forwards walk the layers across the devices.
+  runner's device. Sequential forwards walk the layers across the devices. `split_target` uses the
+  same executor with a sequential plan and contiguous placement to split the *target* of a
+  multi-device pair into pipeline stages (exact: no approximation, no calibration).
 
 Calibration. Fuzzy KV entries must not outlive the draft: the engine (specdec.SpecEngine._draft)
 treats `drafter_len` as the length of the *exact* prefix of the drafter cache when the executor is
@@ -39,8 +41,9 @@ output stays lossless whatever the drafter does.
 Distillation. `training_forward` runs an HF drafter with the same approximation (no cache, causal
 attention, differentiable, through the HF layer modules so DeepSpeed/ZeRO hooks still fire).
 
-Not here: choosing devices for a replica (serve/), the target's split across devices, the benchmark
-CLI (it calls `measure_layer_parallel`), the distillation loss (losses.py, jobs/distill).
+Not here: choosing devices for a replica (serve/), the benchmark CLI (it calls
+`measure_layer_parallel`), the distillation loss (distill.py averages the sequential and the grouped
+forward's losses when `layer_parallel_groups` > 1).
 """
 
 from __future__ import annotations
@@ -107,6 +110,9 @@ class LayerParallelConfig:
 
     def plan(self, num_layers: int) -> LayerPlan:
         return LayerPlan.grouped(num_layers, max(1, self.group_size))
+
+
+PLACEMENTS = ("round_robin", "contiguous")
 
 
 # ----- the executor -------------------------------------------------------------------------------
@@ -179,9 +185,13 @@ class ShardedKVCache(KVCache):
 class LayerParallelExecutor:
     """`runner.layer_executor` that runs a LayerPlan; `exact=True` forwards run the layers sequentially."""
 
-    def __init__(self, plan: LayerPlan, devices: Sequence[str | torch.device] = ()):
+    def __init__(self, plan: LayerPlan, devices: Sequence[str | torch.device] = (), *,
+                 placement: str = "round_robin"):
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement {placement!r} unknown: use one of {PLACEMENTS}")
         self.plan = plan
         self.devices = [torch.device(d) for d in devices]
+        self.placement = placement
         self._stacks: tuple[int, int, list[_GroupStack | None]] | None = None  # (runner id, version, stacks)
         self._device_weights: dict[int, list[LayerWeights]] = {}
         many = len(self.devices) > 1
@@ -197,6 +207,10 @@ class LayerParallelExecutor:
         return len(self.devices) > 1
 
     def layer_device(self, index: int) -> torch.device:
+        """round_robin: a group's members on different devices (drafting); contiguous: equal stages
+        of consecutive layers (a pipeline split of the target: one hop per stage, not per layer)."""
+        if self.placement == "contiguous":
+            return self.devices[index * len(self.devices) // self.plan.num_layers]
         return self.devices[index % len(self.devices)]
 
     def new_cache(self, runner: CausalLMRunner, slots: int, max_len: int) -> KVCache:
@@ -306,13 +320,21 @@ class LayerParallelExecutor:
                                       for t in (ctx.cos, ctx.sin, ctx.positions, ctx.mask))
             return local[device]
 
+        def attend(index: int, x: torch.Tensor) -> torch.Tensor:
+            cos, sin, positions, mask = context_on(self.layer_device(index))
+            return runner.attend(weights[index], x, cos, sin, ctx.cache.k[index, ctx.rows],
+                                 ctx.cache.v[index, ctx.rows], positions, mask)
+
+        def layer(index: int, h: torch.Tensor) -> torch.Tensor:
+            """Sequential semantics, the same operations in the same order as runner.layer (bit-exact)."""
+            h = h.to(self.layer_device(index))  # the residual stream follows the layer: one hop per stage
+            h = h + attend(index, h)
+            return h + runner.mlp(weights[index], h)
+
         def delta(index: int, x: torch.Tensor) -> torch.Tensor:
-            device = self.layer_device(index)
-            cos, sin, positions, mask = context_on(device)
-            lw, x = weights[index], x.to(device)
-            attn = runner.attend(lw, x, cos, sin, ctx.cache.k[index, ctx.rows], ctx.cache.v[index, ctx.rows],
-                                 positions, mask)
-            return attn + runner.mlp(lw, x + attn)
+            x = x.to(self.layer_device(index))
+            attn = attend(index, x)
+            return attn + runner.mlp(weights[index], x + attn)
 
         inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
 
@@ -324,13 +346,14 @@ class LayerParallelExecutor:
         for device in dict.fromkeys(self.devices):
             context_on(device)  # built up front: the worker threads only read `local`
         groups = [(i,) for i in range(runner.num_layers)] if exact else self.plan.groups
+        home = h.device
         for group in groups:
             if len(group) == 1:
-                h = h + delta(group[0], h).to(h.device)
+                h = layer(group[0], h)
                 continue
             futures = [self._pool.submit(delta_in_thread, i, h) for i in group]
             h = h + torch.stack([f.result().to(h.device) for f in futures]).sum(0)
-        return h
+        return h.to(home)
 
 
 def install(runner: CausalLMRunner,
@@ -343,6 +366,28 @@ def install(runner: CausalLMRunner,
         executor = LayerParallelExecutor(config)
     else:
         executor = LayerParallelExecutor(config.plan(runner.num_layers), config.devices)
+    runner.layer_executor = executor
+    return executor
+
+
+def split_target(runner: CausalLMRunner, devices: Sequence[str | torch.device]) -> LayerParallelExecutor | None:
+    """Split a (target) runner's layers over `devices` in contiguous stages, exact sequential semantics.
+
+    The stages' weights and KV cache shards live on their devices; embeddings, final norm and head stay
+    on the runner's device. The layer weights are moved in place (`param.data`), so the HF module the
+    runner reads moves with them and no second copy stays on the first device. One device or none:
+    nothing to split, the runner is left as it is.
+    """
+    if len(devices) < 2:
+        return None
+    executor = LayerParallelExecutor(LayerPlan.grouped(runner.num_layers, 1), devices, placement="contiguous")
+    with torch.no_grad():
+        for index, lw in enumerate(runner.layers):
+            device = executor.layer_device(index)
+            for field in dataclasses.fields(LayerWeights):
+                tensor = getattr(lw, field.name)
+                if tensor is not None and tensor.device != device:
+                    tensor.data = tensor.data.to(device)
     runner.layer_executor = executor
     return executor
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,17 +31,13 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from draftsmith.ports import free_port
+
 logger = logging.getLogger(__name__)
 
 
 class MlflowServerError(RuntimeError):
     """The local MLflow server did not start (or died)."""
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _log_tail(path: Path, n_chars: int = 3000) -> str:
@@ -112,7 +107,7 @@ def start_mlflow_server(
     """Start ``mlflow server`` on SQLite under ``state_dir`` and wait until ``/health`` answers."""
     state_dir = Path(state_dir).resolve()
     (state_dir / "artifacts").mkdir(parents=True, exist_ok=True)
-    port = port or _free_port(host)
+    port = port or free_port(host)
     url = f"http://{host}:{port}"
     cmd = [
         sys.executable, "-m", "mlflow", "server",

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.local_services import LocalServices, pick_port
+from draftsmith.ports import pick_port
+from pipelines.local_services import LocalServices
 
 pytestmark = pytest.mark.integration
 

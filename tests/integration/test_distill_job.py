@@ -75,12 +75,14 @@ def test_distillation_raises_heldout_acceptance_and_registers(ray_cluster, mlflo
 
 
 def test_deepspeed_zero2_on_cpu_runs_a_few_steps(ray_cluster, traffic, tmp_path):
-    cfg = DistillJobConfig(traffic_uri=traffic, target="tiny", drafter="derived:first1", steps=4, lr=3e-3,
+    # layer-parallel-aware on top: both forwards through the DeepSpeed engine's one forward per step
+    cfg = DistillJobConfig(traffic_uri=traffic, target="tiny", drafter="derived:first2", steps=4, lr=3e-3,
                            num_workers=2, strategy="deepspeed", zero_stage=2, checkpoint_every=2, log_every=2,
-                           state_dir=str(tmp_path / "state"), run_name="ds")
+                           layer_parallel_groups=2, state_dir=str(tmp_path / "state"), run_name="ds")
     assert deepspeed_config(cfg)["zero_optimization"] == {"stage": 2}
     outcome = run_distill(cfg)
     assert outcome.metrics["step"] == 4 and outcome.registered_version is None
+    assert 0.0 <= outcome.metrics["top1_match_layer_parallel"] <= 1.0
     assert (outcome.drafter_dir / "model.safetensors").exists()
 
 

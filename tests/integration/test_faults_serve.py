@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import json
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +24,7 @@ import pytest
 
 from pipelines.soak import start_serve, stop_serve
 
+from draftsmith.ports import free_port
 from draftsmith.traffic import TRAFFIC_SCHEMA, TrafficScan, read_traffic
 
 pytestmark = pytest.mark.integration
@@ -33,12 +33,6 @@ APP = "draftsmith-faults"
 PREFIX = "/faults"
 MODEL = "draftsmith"
 CLIENTS = 8
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
@@ -59,7 +53,7 @@ def app(ray_cluster, tmp_path_factory):
     from serve.app import build_app
 
     traffic = tmp_path_factory.mktemp("faults") / "traffic"
-    port = start_serve(_free_port())
+    port = start_serve(free_port())
     args = {"target": "tiny", "drafter": "derived:first1", "health_check_period_s": 1.0,
             "engine": {"max_model_len": 128, "max_batch_size": 8, "num_speculative_tokens": 3},
             "autoscaling": {"num_replicas": 2},

@@ -14,7 +14,6 @@ of "no secret written" is tests/unit/test_registry_secrets.py.
 from __future__ import annotations
 
 import json
-import socket
 import string
 import uuid
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from draftsmith.ports import free_port
 from pipelines.soak import start_serve, stop_serve
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -36,12 +36,6 @@ BODY_LIMIT = 4096
 PROMPT_LIMIT = 32
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app(ray_cluster, tmp_path_factory):
     from ray import serve
@@ -49,7 +43,7 @@ def app(ray_cluster, tmp_path_factory):
     from serve.app import build_app
 
     traffic = tmp_path_factory.mktemp("security") / "traffic"
-    port = start_serve(_free_port())
+    port = start_serve(free_port())
     args = {"target": "tiny", "drafter": "derived:first1", "auth_token": TOKEN,
             "max_request_body_bytes": BODY_LIMIT, "max_prompt_tokens": PROMPT_LIMIT,
             "engine": {"max_model_len": 128, "max_batch_size": 8, "num_speculative_tokens": 2,

@@ -4,7 +4,6 @@ drafter hot swap and refusals. One app (tiny target, drafters derived from it) p
 import json
 import os
 import shutil
-import socket
 import threading
 import time
 import uuid
@@ -15,6 +14,7 @@ import httpx
 import pytest
 
 from draftsmith import models
+from draftsmith.ports import free_port
 from draftsmith.traffic import read_traffic
 
 pytestmark = pytest.mark.integration
@@ -22,12 +22,6 @@ pytestmark = pytest.mark.integration
 APP = "draftsmith-test"
 PREFIX = "/ds"
 MODEL = "draftsmith"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _point(link: Path, target: Path) -> None:
@@ -69,7 +63,7 @@ def app(ray_cluster, tmp_path_factory):
     current = root / "current"
     _point(current, dirs["drafter-v1"])
     traffic = root / "traffic"
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"target": "tiny", "drafter": str(current), "drafter_poll_interval_s": 0.5,
             "engine": {"max_model_len": 256, "max_batch_size": 8, "num_speculative_tokens": 3},

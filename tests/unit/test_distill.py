@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-
 from draftsmith.distill import (
     DistillConfig,
     DistillStudent,
@@ -16,6 +15,7 @@ from draftsmith.distill import (
     train_step,
 )
 from draftsmith.models import derive_drafter, frequent_token_ids, tiny_model
+
 from pipelines.backfill import backfill, generate_records
 from pipelines.dataset import build_distill_dataset
 
@@ -133,23 +133,23 @@ def test_full_teacher_logits_path(target, records):
     assert history[-1] < history[0]
 
 
-def test_layer_parallel_option_is_wired(target, records):
-    student = DistillStudent(derive_drafter(target, "first1"), layer_parallel_groups=1)
+def test_layer_parallel_aware_training_trains_both_forwards(target, records):
     batch = collate(records[:2])
-    try:
-        import draftsmith.layer_parallel as lp  # noqa: F401
-        has_training_forward = hasattr(lp, "training_forward")
-    except ImportError:
-        has_training_forward = False
-    if not has_training_forward:
-        with pytest.raises(RuntimeError, match="layer_parallel_groups"):
-            student_logits(student, batch)
-    else:  # one layer per group is the ordinary forward
-        plain = student_logits(DistillStudent(derive_drafter(target, "first1")), batch)
-        assert torch.allclose(student_logits(student, batch)[batch.mask], plain[batch.mask], atol=1e-4)
-        grouped = DistillStudent(derive_drafter(target, [0, 1]), layer_parallel_groups=2)
-        loss, _ = distill_loss(grouped, batch, DistillConfig())
-        loss.backward()  # differentiable through the layer-parallel forward
+    plain = student_logits(DistillStudent(derive_drafter(target, [0, 1])), batch)
+    # one layer per group is the ordinary forward, once
+    single = DistillStudent(derive_drafter(target, [0, 1]), layer_parallel_groups=1)
+    assert torch.allclose(student_logits(single, batch)[batch.mask], plain[batch.mask], atol=1e-4)
+    # groups of 2: the sequential rows, then the layer-parallel rows, in one forward
+    grouped = DistillStudent(derive_drafter(target, [0, 1]), layer_parallel_groups=2)
+    both = student_logits(grouped, batch)
+    b = batch.input_ids.shape[0]
+    assert both.shape[0] == 2 * b
+    assert torch.allclose(both[:b][batch.mask], plain[batch.mask], atol=1e-4)
+    assert not torch.allclose(both[b:][batch.mask], plain[batch.mask], atol=1e-3)
+    loss, stats = distill_loss(grouped, batch, DistillConfig())
+    assert stats["tokens"] == batch.num_tokens and 0.0 <= stats["top1_match_layer_parallel"] <= 1.0
+    loss.backward()  # differentiable through the layer-parallel forward
+    assert all(p.grad is not None for p in grouped.model.model.layers.parameters())
 
 
 def test_config_is_validated():

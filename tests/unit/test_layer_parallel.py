@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from draftsmith import layer_parallel as lp
 from draftsmith.llama import ForwardContext
 from draftsmith.models import TinyPreset, derive_drafter, tiny_model
@@ -196,6 +195,31 @@ def test_multi_device_plan_is_lossless_and_matches_single_device(pair):
     assert [r.output_token_ids for r in out_multi] == _target_greedy(target)
     # Same approximation on both paths, so the same drafts are accepted.
     assert [r.stats.accepted for r in out_multi] == [r.stats.accepted for r in out_single]
+
+
+def test_split_target_places_contiguous_stages_and_stays_exact(pair):
+    target, drafter = pair
+    split = runner_for(target.model)
+    executor = lp.split_target(split, ["cpu:0", "cpu:1", "cpu:2"])  # three distinct "devices" on one CPU
+    assert [executor.layer_device(i).index for i in range(6)] == [0, 0, 1, 1, 2, 2]  # contiguous stages
+    drafting = lp.LayerParallelExecutor(lp.LayerPlan.grouped(6, 2), ["cpu:0", "cpu:1"])
+    assert [drafting.layer_device(i).index for i in range(6)] == [0, 1, 0, 1, 0, 1]  # a group's members apart
+    assert not executor.approximate and lp.split_target(runner_for(target.model), ["cpu"]) is None
+    with pytest.raises(ValueError, match="placement"):
+        lp.LayerParallelExecutor(lp.LayerPlan.grouped(2, 1), ["cpu", "cpu"], placement="diagonal")
+    plain = runner_for(target.model)
+    ids, positions = torch.tensor([PROMPTS[1]]), torch.arange(len(PROMPTS[1]))[None]
+    with torch.inference_mode():
+        expected = plain.forward(ids, positions, plain.new_cache(1, 32), slice(0, 1))
+        cache = split.new_cache(1, 32)
+        got = split.forward(ids, positions, cache, slice(0, 1))
+    assert isinstance(cache, lp.ShardedKVCache)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    # a multi-device pair: split target + drafter groups across the same devices, still the target's greedy
+    drafter_runner = runner_for(None, drafter)
+    lp.install(drafter_runner, lp.LayerParallelConfig(2, ("cpu", "cpu")))
+    engine = SpecEngine(split, drafter_runner, config=EngineConfig(num_speculative_tokens=3, max_batch_size=4))
+    assert [r.output_token_ids for r in engine.generate(_requests())] == _target_greedy(target)
 
 
 def test_training_forward_group_one_equals_hf(pair):

@@ -1,0 +1,48 @@
+"""`draftsmith bench distill` end to end on the tiny target: generated traffic, a derived drafter trained
+layer-parallel-aware, held-out evaluation; then a second run that starts from the saved drafter under a
+spent time budget. Checks the JSON contract the issue names, not gains (the tiny target is random)."""
+
+import json
+
+import pytest
+
+from pipelines import bench_distill
+
+pytestmark = pytest.mark.integration
+
+REQUIRED = ("records", "train_tokens", "train_seconds", "token_acceptance_before", "token_acceptance_after",
+            "acceptance_rate_before", "acceptance_rate_after", "mean_accepted_length_before",
+            "mean_accepted_length_after", "speculative_tok_s_before", "speculative_tok_s_after",
+            "autoregressive_tok_s", "speedup_after")
+
+
+def _run(capsys, *argv) -> dict:
+    assert bench_distill.main(["--target", "tiny", "--heldout-n", "3", "--max-new-tokens", "8",
+                               "--eval-batch-size", "3", "--torch-threads", "1", "--in-process", *argv]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_bench_distill_generate_train_evaluate_and_resume(capsys, tmp_path):
+    traffic, saved = str(tmp_path / "traffic"), tmp_path / "drafter"
+    first = _run(capsys, "--traffic", "generate", "--n", "12", "--traffic-uri", traffic, "--max-prompt-tokens", "64",
+                 "--max-output-tokens", "16", "--backfill-batch-size", "4", "--layers", "first1+last1",
+                 "--draft-vocab-size", "64", "--layer-parallel", "2", "--steps", "3", "--batch-size", "4",
+                 "--save-drafter", str(saved))
+    for key in REQUIRED:
+        assert key in first, key
+    assert first["records"] == 12 and first["steps"] == 3 and first["train_tokens"] > 0
+    assert first["layer_parallel_training"] == 2 and 0.0 <= first["final_top1_layer_parallel"] <= 1.0
+    assert first["draft_vocab_size"] == 64 and (saved / "config.json").exists()
+    assert 0.0 <= first["token_acceptance_after"] <= 1.0 and first["autoregressive_tok_s"] > 0
+
+    # the same traffic, the saved drafter as the start, a budget already spent: no step, nothing lost
+    second = _run(capsys, "--traffic-uri", traffic, "--reuse-traffic", "--init-drafter", str(saved),
+                  "--steps", "50", "--max-train-minutes", "1e-9")
+    assert second["records"] == 12 and second["steps"] == 0 and second["init_drafter"] == str(saved)
+    assert second["token_acceptance_before"] == pytest.approx(second["token_acceptance_after"])
+    assert second["token_acceptance_before"] == pytest.approx(first["token_acceptance_after"])
+
+
+def test_bench_distill_refuses_a_time_budget_for_ray_train():
+    with pytest.raises(SystemExit):
+        bench_distill.parse_args(["--max-train-minutes", "5"])
