@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+
 from draftsmith.distill import (
     DistillConfig,
     DistillStudent,
@@ -15,7 +16,6 @@ from draftsmith.distill import (
     train_step,
 )
 from draftsmith.models import derive_drafter, frequent_token_ids, tiny_model
-
 from pipelines.backfill import backfill, generate_records
 from pipelines.dataset import build_distill_dataset
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from draftsmith import layer_parallel as lp
 from draftsmith.llama import ForwardContext
 from draftsmith.models import TinyPreset, derive_drafter, tiny_model
