@@ -200,8 +200,9 @@ def _start_local(args) -> tuple[str, str]:
 
     traffic = args.traffic_uri or tempfile.mkdtemp(prefix="draftsmith-bench-traffic-")
     if not ray.is_initialized():
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+        # "local": a fresh cluster, never one `draftsmith demo` or a developer left running (as tests/conftest.py)
+        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app({
