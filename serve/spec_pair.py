@@ -34,6 +34,7 @@ from ray import serve
 from ray.util import metrics
 
 from draftsmith import models
+from draftsmith.layer_parallel import LayerParallelConfig, install, split_target
 from draftsmith.sampling import SamplingParams
 from draftsmith.specdec import EngineConfig, Request, SpecEngine, StepOutput, runner_for
 from draftsmith.traffic import drop_text
@@ -186,10 +187,7 @@ class SpecPairImpl:
         tokenizer = self.target.tokenizer
         e = cfg.engine
         target_runner = runner_for(self.target.model)
-        if len(e.layer_parallel_devices) > 1:  # a multi-device pair: the target is split over the same devices
-            from draftsmith.layer_parallel import split_target
-
-            split_target(target_runner, e.layer_parallel_devices)
+        split_target(target_runner, e.layer_parallel_devices)  # a multi-device pair: split over the same devices
         engine = SpecEngine(
             target_runner, None,
             config=EngineConfig(num_speculative_tokens=e.num_speculative_tokens, max_batch_size=e.max_batch_size,
@@ -236,8 +234,6 @@ class SpecPairImpl:
         runner = runner_for(None, drafter)
         e = self.cfg.engine
         if e.layer_parallel_group_size > 1:
-            from draftsmith.layer_parallel import LayerParallelConfig, install
-
             install(runner, LayerParallelConfig(e.layer_parallel_group_size, tuple(e.layer_parallel_devices)))
         return runner
 

@@ -269,7 +269,7 @@ def run(args: argparse.Namespace) -> dict:
 
         report.update(measure_layer_parallel(target_runner, drafter_runner, prompts, group_size=args.layer_parallel,
                                              gamma=args.gamma, max_new_tokens=args.max_new_tokens,
-                                             devices=pair_devices if len(pair_devices) > 1 else ()))
+                                             devices=pair_devices))
     return report
 
 
