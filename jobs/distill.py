@@ -34,7 +34,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +91,9 @@ class DistillJobConfig(BaseModel):
     grad_clip: float | None = Field(1.0, description="max grad norm (None: off)")
     train_head: bool = Field(True, description="also train the final norm and a separate/trimmed head")
     full_teacher_logits: bool = Field(False, description="recompute full target logits (loads the target per worker)")
-    layer_parallel_groups: int | None = Field(None, ge=1, description="layer-parallel-aware training with groups of "
-                                              "this size: the sequential and the grouped forward's losses, averaged")
+    layer_parallel_groups: PositiveInt | list[PositiveInt] | None = Field(
+        None, description="layer-parallel-aware training, the sequential and the grouped forward's losses averaged: "
+        "a group size, or the serving plan's group sizes (engine.layer_parallel_group_sizes, e.g. [1, 2, 2, 2, 1])")
     seed: int = Field(0, description="data order and initialization seed")
     # scaling and strategy
     num_workers: int = Field(1, ge=1, description="Ray Train workers")

@@ -53,6 +53,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "(--layers and --draft-vocab-size are then ignored)")
     p.add_argument("--layer-parallel", type=int, default=None, metavar="GROUP_SIZE",
                    help="layer-parallel-aware distillation: train the sequential and the grouped forward")
+    p.add_argument("--layer-parallel-plan", default="", metavar="SIZES",
+                   help="layer-parallel-aware distillation under these consecutive group sizes (e.g. 1,2,2,2,1, "
+                   "as served with engine.layer_parallel_group_sizes); overrides --layer-parallel")
     p.add_argument("--draft-vocab-size", type=int, default=None, help="trimmed head size (None: full vocab)")
     p.add_argument("--loss", choices=["fkl", "rkl", "jsd", "tvd"], default="fkl")
     p.add_argument("--jsd-beta", type=float, default=0.5)
@@ -86,6 +89,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--max-train-minutes bounds the in-process loop: add --in-process (Ray Train runs --steps)")
     if args.workers > 1 and args.in_process:
         p.error("--in-process trains in one process: drop it to use --workers > 1 (Ray Train)")
+    from draftsmith.layer_parallel import parse_group_sizes
+
+    try:  # the plan layer-parallel-aware training uses: explicit group sizes, a group size, or None
+        args.layer_parallel_groups = list(parse_group_sizes(args.layer_parallel_plan)) or args.layer_parallel
+    except ValueError as error:
+        p.error(f"--layer-parallel-plan: {error}")
     return args
 
 
@@ -139,8 +148,8 @@ def train_in_process(args, drafter, train_dataset, target) -> tuple[object, dict
     config = DistillConfig(loss=args.loss, jsd_beta=args.jsd_beta, wrong_weight=args.wrong_weight, lr=args.lr,
                            batch_size=args.batch_size, max_seq_len=args.max_seq_len, steps=args.steps,
                            epochs=args.epochs, train_head=not args.no_train_head, seed=args.seed,
-                           layer_parallel_groups=args.layer_parallel)
-    student = DistillStudent(drafter, train_head=config.train_head, layer_parallel_groups=args.layer_parallel)
+                           layer_parallel_groups=args.layer_parallel_groups)
+    student = DistillStudent(drafter, train_head=config.train_head, layer_parallel_groups=args.layer_parallel_groups)
     optimizer = make_optimizer(student, config)
     n = len(train_dataset)
     steps = config.steps or max(1, config.epochs * math.ceil(n / config.batch_size))
@@ -182,7 +191,7 @@ def train_with_ray(args, traffic_uri: str, state_dir: str, target) -> tuple[obje
 
     cfg = DistillJobConfig(
         traffic_uri=traffic_uri, heldout_fraction=0.0, target=args.target,
-        drafter=args.init_drafter or f"derived:{args.layers}", layer_parallel_groups=args.layer_parallel,
+        drafter=args.init_drafter or f"derived:{args.layers}", layer_parallel_groups=args.layer_parallel_groups,
         draft_vocab_size=args.draft_vocab_size, loss=args.loss, jsd_beta=args.jsd_beta,
         wrong_weight=args.wrong_weight, lr=args.lr, batch_size=args.batch_size, max_seq_len=args.max_seq_len,
         steps=args.steps, epochs=args.epochs, train_head=not args.no_train_head, seed=args.seed,
@@ -276,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "steps": train_info["steps"], "final_loss": train_info["final_loss"],
         "final_top1": train_info.get("final_top1"), "final_top1_layer_parallel": train_info.get("final_top1_layer_parallel"),
         "layers": drafter.meta.get("layers"), "init_drafter": args.init_drafter,
-        "layer_parallel_training": args.layer_parallel,
+        "layer_parallel_training": args.layer_parallel_groups,
         "draft_vocab_size": None if trained.head_token_ids is None else trained.head_token_ids.numel(),
         "loss": args.loss,
         "lr": args.lr, "gamma": args.gamma, "heldout": args.heldout, "heldout_prompts": len(prompts),

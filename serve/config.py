@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -37,6 +37,10 @@ class EngineSettings(_Section):
     default_max_tokens: int = Field(256, ge=1, description="max_tokens for chat requests that do not set it.")
     layer_parallel_group_size: int = Field(1, ge=1, description="Layer-parallel drafting (EasySpec): drafter "
                                            "layers per group run at once on the same input; 1 = sequential.")
+    layer_parallel_group_sizes: list[PositiveInt] = Field(default_factory=list, description="Explicit consecutive "
+                                                  "group sizes, summing to the drafter's layer count (overrides "
+                                                  "the group size), e.g. [1, 2, 2, 2, 1]: first and last layer "
+                                                  "sequential, which keeps most of the acceptance.")
     layer_parallel_devices: list[str] = Field(default_factory=list, description="Devices of the pair: a "
                                               "group's drafter layers run on them concurrently (round robin) "
                                               "and the target is split over them in contiguous stages; empty "
@@ -151,6 +155,17 @@ class ServeAppConfig(BaseModel):
         if value.startswith("derived:") and len(value) == len("derived:"):
             raise ValueError("`derived:` needs a layer spec, e.g. derived:first2+last1 or derived:0,29")
         return value
+
+    @model_validator(mode="after")
+    def _pair_gpus_are_the_replicas(self):
+        # Ray shows an actor only the GPUs it was given (CUDA_VISIBLE_DEVICES): cuda:1 exists in the
+        # replica only if the replica actor itself holds two GPUs, not if a second bundle reserves one.
+        gpus = {d if ":" in d else f"{d}:0" for d in self.engine.layer_parallel_devices if d.startswith("cuda")}
+        if len(gpus) > self.placement.num_gpus:
+            raise ValueError(f"engine.layer_parallel_devices names {len(gpus)} GPUs but the replica actor has "
+                             f"placement.num_gpus={self.placement.num_gpus:g}: give the actor all of the pair's "
+                             f"GPUs (e.g. num_gpus: {len(gpus)}, bundles: [{{CPU: 1, GPU: {len(gpus)}}}])")
+        return self
 
     @model_validator(mode="after")
     def _registry_needs_uri(self):

@@ -233,8 +233,10 @@ class SpecPairImpl:
         """The engine's runner for a drafter, with the pair's layer-parallel plan installed when configured."""
         runner = runner_for(None, drafter)
         e = self.cfg.engine
-        if e.layer_parallel_group_size > 1:
-            install(runner, LayerParallelConfig(e.layer_parallel_group_size, tuple(e.layer_parallel_devices)))
+        plan = LayerParallelConfig(e.layer_parallel_group_size, tuple(e.layer_parallel_devices),
+                                   tuple(e.layer_parallel_group_sizes))
+        if plan.enabled:
+            install(runner, plan)  # a plan that does not fit this drafter raises: the swap is refused
         return runner
 
     def _tags(self, version: str | None = None) -> dict[str, str]:

@@ -22,6 +22,7 @@ import time
 import torch
 
 from draftsmith.datasets_io import load_prompt_source
+from draftsmith.layer_parallel import LayerParallelConfig, measure_layer_parallel, parse_group_sizes, split_target
 from draftsmith.models import EMBEDDED_TARGET, LoadedModel, derive_drafter, frequent_token_ids, load_drafter, load_model
 from draftsmith.sampling import SamplingParams
 from draftsmith.specdec import EngineConfig, Request, SpecEngine, runner_for
@@ -45,6 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--layer-parallel", type=int, default=0,
                         help="also measure layer-parallel drafting with groups of this size")
+    parser.add_argument("--layer-parallel-plan", default="", metavar="SIZES",
+                        help="also measure layer-parallel drafting with these consecutive group sizes "
+                        "(e.g. 1,2,2,2,1 for an 8-layer drafter: first and last layer sequential); "
+                        "overrides --layer-parallel's uniform groups")
     parser.add_argument("--pair-devices", default="",
                         help="comma-separated devices of a multi-device pair (cuda:0,cuda:1): the target is split "
                         "over them in stages, a layer-parallel group's drafter layers run on them concurrently")
@@ -162,8 +167,6 @@ def run(args: argparse.Namespace) -> dict:
     target_runner, drafter_runner = runner_for(target.model), runner_for(None, drafter)
     pair_devices = [d.strip() for d in args.pair_devices.split(",") if d.strip()]
     if len(pair_devices) > 1:
-        from draftsmith.layer_parallel import split_target
-
         if not args.skip_hf:
             raise SystemExit("--pair-devices splits the target's HF module across devices, which transformers' "
                              "generate() does not run: add --skip-hf")
@@ -264,12 +267,11 @@ def run(args: argparse.Namespace) -> dict:
         "engine_efficiency": ratio(ratio(spec_tok_s, ar_tok_s), predicted),
         "greedy_mismatches": mismatches,
     }
-    if args.layer_parallel:
-        from draftsmith.layer_parallel import measure_layer_parallel
-
-        report.update(measure_layer_parallel(target_runner, drafter_runner, prompts, group_size=args.layer_parallel,
-                                             gamma=args.gamma, max_new_tokens=args.max_new_tokens,
-                                             devices=pair_devices))
+    if args.layer_parallel or args.layer_parallel_plan:
+        plan = LayerParallelConfig(max(1, args.layer_parallel), tuple(pair_devices),
+                                   parse_group_sizes(args.layer_parallel_plan))
+        report.update(measure_layer_parallel(target_runner, drafter_runner, prompts, plan=plan, gamma=args.gamma,
+                                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size))
     return report
 
 
@@ -306,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="draftsmith bench decode", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
+    try:
+        parse_group_sizes(args.layer_parallel_plan)  # refuse a malformed plan before loading any model
+    except ValueError as error:
+        parser.error(f"--layer-parallel-plan: {error}")
     report = run(args)
     print(summary_table(report), flush=True)
     print(json.dumps(report))

@@ -7,8 +7,9 @@ and reads its logits at the positions that predicted each output token (`Distill
 target logits recomputed on the same batch when `full_teacher_logits` is set) through
 `draftsmith.losses`, optionally up-weighting the positions where the drafter's argmax differs from
 the target's top-1 (as OSD does), and takes an optimizer step (`train_step`). Layer-parallel-aware
-training (`layer_parallel_groups` > 1) adds the drafter's grouped forward (EasySpec's approximation,
-`layer_parallel.training_forward`) to the same step and averages both losses. Pure torch.
+training (`layer_parallel_groups`: a group size > 1 or the serving plan's group sizes) adds the
+drafter's grouped forward (EasySpec's approximation, `layer_parallel.training_forward`) to the same
+step and averages both losses. Pure torch.
 
 What it does not do: read the traffic log (pipelines/), distribute training, checkpoint, or log to
 MLflow (jobs/distill.py does, with Ray Train), or save drafters (models.save_drafter).
@@ -56,9 +57,10 @@ class DistillConfig:
     grad_clip: float | None = 1.0
     train_head: bool = True  # also the final norm and a separate (trimmed or untied) head
     full_teacher_logits: bool = False  # recompute the target's full logits instead of the logged top-k
-    # > 1: layer-parallel-aware training, the loss of the sequential and of the layer-parallel forward
-    # (layer_parallel.training_forward with this group size), averaged; None or 1: sequential only.
-    layer_parallel_groups: int | None = None
+    # Layer-parallel-aware training: the loss of the sequential and of the layer-parallel forward
+    # (layer_parallel.training_forward), averaged. A group size (> 1), or the serving plan's explicit
+    # group sizes (e.g. (1, 2, 2, 2, 1)); None, 1 or all-ones: sequential only.
+    layer_parallel_groups: int | tuple[int, ...] | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -70,8 +72,10 @@ class DistillConfig:
             raise ValueError("wrong_weight and lr must be > 0, batch_size >= 1, max_seq_len >= 2")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1 (or None for epochs), got {self.steps}")
-        if self.layer_parallel_groups is not None and self.layer_parallel_groups < 1:
-            raise ValueError(f"layer_parallel_groups must be >= 1, got {self.layer_parallel_groups}")
+        groups = self.layer_parallel_groups
+        sizes = list(groups) if isinstance(groups, (tuple, list)) else [groups]
+        if groups is not None and (not sizes or min(sizes) < 1):
+            raise ValueError(f"layer_parallel_groups must be a group size >= 1 or group sizes >= 1, got {groups}")
 
 
 @dataclasses.dataclass
@@ -146,11 +150,17 @@ def collate(records: Sequence[Any], *, max_seq_len: int = 512, pad_id: int = 0) 
 class DistillStudent(nn.Module):
     """A drafter as one trainable module (what DDP / DeepSpeed wrap): HF decoder + full or trimmed head."""
 
-    def __init__(self, drafter: Drafter, *, train_head: bool = True, layer_parallel_groups: int | None = None):
+    def __init__(self, drafter: Drafter, *, train_head: bool = True,
+                 layer_parallel_groups: int | Sequence[int] | None = None):
         super().__init__()
         self.model = drafter.model
         self.meta = dict(drafter.meta)
-        self.layer_parallel_groups = layer_parallel_groups
+        self.layer_parallel_plan = None  # the grouped forward's plan when layer-parallel-aware
+        if layer_parallel_groups:
+            from draftsmith.layer_parallel import as_plan
+
+            plan = as_plan(layer_parallel_groups, self.model.config.num_hidden_layers)
+            self.layer_parallel_plan = None if plan.is_sequential else plan
         if drafter.head_weight is not None:
             self.head = nn.Parameter(drafter.head_weight.detach().clone().float().to(drafter.head_weight.dtype))
             self.register_buffer("head_token_ids", drafter.head_token_ids.clone().long())
@@ -184,14 +194,14 @@ class DistillStudent(nn.Module):
             from draftsmith.layer_parallel import training_forward
 
             # training_forward returns the hidden states before the final norm.
-            hidden = training_forward(self.model, input_ids, group_size=self.layer_parallel_groups)
+            hidden = training_forward(self.model, input_ids, plan=self.layer_parallel_plan)
             return self.model.model.norm(hidden)
         return self.model.model(input_ids=input_ids, use_cache=False).last_hidden_state
 
     def forward(self, input_ids: torch.Tensor, pred_positions: torch.Tensor) -> torch.Tensor:
         """input_ids [B, L], pred_positions [B, T] -> student logits [B, T, V_draft].
 
-        Layer-parallel-aware (`layer_parallel_groups` > 1): logits [2B, T, V_draft], the sequential
+        Layer-parallel-aware (a plan with a group of several layers): logits [2B, T, V_draft], the sequential
         forward's rows first, then the layer-parallel forward's. Serving drafts the first token of each
         step sequentially (KV calibration) and the other gamma - 1 under the plan, so the drafter is
         trained for both; one forward call keeps DDP / DeepSpeed at one forward per backward.
@@ -210,7 +220,7 @@ class DistillStudent(nn.Module):
 
     @property
     def layer_parallel_aware(self) -> bool:
-        return bool(self.layer_parallel_groups) and self.layer_parallel_groups > 1
+        return self.layer_parallel_plan is not None
 
     def to_drafter(self, version: str = "local") -> Drafter:
         """The trained drafter (shares tensors with this module; detach before further training)."""

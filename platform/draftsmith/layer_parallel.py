@@ -17,8 +17,14 @@ the whole approximation, and it is exact for groups of one (`LayerPlan.grouped(L
 drafting, bit for bit: singleton groups call the runner's own layer). The first layer of a group reads
 an exact input only if every earlier group has size one.
 
+Plans. Groups of a uniform size (`LayerPlan.grouped`) or explicit sizes (`LayerPlan.from_sizes`,
+`LayerParallelConfig.group_sizes`). Where the approximation costs acceptance depends on the drafter: a
+drafter cut from a deep target (its first and last layers) changes its residual stream most in its
+first and last layer, and a plan that keeps those two alone (e.g. 1,2,2,2,1 for 8 layers) loses much
+less acceptance than uniform pairs (measured figures in the README).
+
 Execution. `LayerParallelExecutor` is installed as `runner.layer_executor` (see `install`):
-- one device: the weights of each group are stacked once into `[n, out, in]` tensors (q/k/v fused,
+- one device: the weights of each group are stacked once into contiguous `[n, in, out]` tensors (q/k/v fused,
   gate/up fused) and cached; a group's matmuls become `torch.baddbmm`/`torch.bmm` over the n members,
   the RMS statistics of h are shared, and the members' attention calls run over per-layer cache views.
   The stacks are copies: they are rebuilt when a source parameter changes (its version counter moves),
@@ -43,7 +49,7 @@ attention, differentiable, through the HF layer modules so DeepSpeed/ZeRO hooks 
 
 Not here: choosing devices for a replica (serve/), the benchmark CLI (it calls
 `measure_layer_parallel`), the distillation loss (distill.py averages the sequential and the grouped
-forward's losses when `layer_parallel_groups` > 1).
+forward's losses when `layer_parallel_groups` names a plan with a group of several layers).
 """
 
 from __future__ import annotations
@@ -88,6 +94,18 @@ class LayerPlan:
     def from_groups(cls, groups: Sequence[Sequence[int]]) -> "LayerPlan":
         return cls(tuple(tuple(int(i) for i in g) for g in groups))
 
+    @classmethod
+    def from_sizes(cls, sizes: Sequence[int]) -> "LayerPlan":
+        """Consecutive groups of the given sizes: (1, 2, 2, 2, 1) = [0] [1 2] [3 4] [5 6] [7]."""
+        if not sizes or any(int(n) < 1 for n in sizes):
+            raise ValueError(f"group sizes {list(sizes)} must be a non-empty list of integers >= 1")
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        return cls(tuple(tuple(range(s, s + int(n))) for s, n in zip(starts, sizes)))
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(len(g) for g in self.groups)
+
     @property
     def num_layers(self) -> int:
         return self.groups[-1][-1] + 1
@@ -99,17 +117,47 @@ class LayerPlan:
 
 @dataclasses.dataclass(frozen=True)
 class LayerParallelConfig:
-    """Per-SpecPair layer-parallel drafting: group size and (optionally) the pair's devices.
+    """Per-SpecPair layer-parallel drafting: the group plan and (optionally) the pair's devices.
 
-    group_size 1 (or 0) switches the approximation off; `devices` empty = the drafter's own device,
+    The plan: `group_sizes` when given (consecutive groups of those sizes, summing to the drafter's
+    layer count, e.g. (1, 2, 2, 2, 1) keeps the first and last layer sequential), else groups of
+    `group_size`; 1 (or 0) switches the approximation off. `devices` empty = the drafter's own device,
     with stacked (batched) groups; several devices = one layer per device, run concurrently.
     """
 
     group_size: int = 2
     devices: tuple[str, ...] = ()
+    group_sizes: tuple[int, ...] = ()
 
     def plan(self, num_layers: int) -> LayerPlan:
-        return LayerPlan.grouped(num_layers, max(1, self.group_size))
+        return as_plan(self.group_sizes or self.group_size, num_layers)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any group has more than one layer (else drafting is sequential)."""
+        return max(self.group_sizes, default=self.group_size) > 1
+
+
+def as_plan(spec: LayerPlan | int | Sequence[int], num_layers: int) -> LayerPlan:
+    """A plan for a `num_layers` drafter from a LayerPlan, a uniform group size, or explicit group sizes."""
+    if isinstance(spec, int):
+        return LayerPlan.grouped(num_layers, max(1, spec))
+    plan = spec if isinstance(spec, LayerPlan) else LayerPlan.from_sizes(spec)
+    if plan.num_layers != num_layers:
+        raise ValueError(f"layer-parallel plan {list(plan.sizes)} covers {plan.num_layers} layers, "
+                         f"the drafter has {num_layers}")
+    return plan
+
+
+def parse_group_sizes(text: str) -> tuple[int, ...]:
+    """'1,2,2,2,1' -> (1, 2, 2, 2, 1); '' -> () (no explicit plan). Raises ValueError with the text."""
+    try:
+        sizes = tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise ValueError(f"group sizes {text!r} must be comma-separated integers, e.g. 1,2,2,2,1") from None
+    if any(n < 1 for n in sizes):
+        raise ValueError(f"group sizes {text!r} must all be >= 1")
+    return sizes
 
 
 PLACEMENTS = ("round_robin", "contiguous")
@@ -123,7 +171,9 @@ class _GroupStack:
     first: int
     n: int
     input_norm: torch.Tensor  # [n, 1, D]
-    qkv: torch.Tensor  # [n, D, (H + 2 KV) * hd]   (a transposed view: bmm(x, qkv) = x @ W^T)
+    # [n, in, out], transposed and made contiguous: bmm(x, qkv) = x @ W^T. Contiguous, not a transposed
+    # view: the CPU bmm of a transposed view ran 2-3x slower for groups of 3 and more.
+    qkv: torch.Tensor  # [n, D, (H + 2 KV) * hd]
     qkv_bias: torch.Tensor | None  # [n, 1, (H + 2 KV) * hd]
     o: torch.Tensor  # [n, H * hd, D]
     post_norm: torch.Tensor  # [n, 1, D]
@@ -255,13 +305,13 @@ class LayerParallelExecutor:
             first=group[0],
             n=len(group),
             input_norm=torch.stack([lw.input_norm for lw in lws])[:, None, :].clone(),
-            qkv=torch.stack([torch.cat([lw.q, lw.k, lw.v]) for lw in lws]).transpose(1, 2),
+            qkv=torch.stack([torch.cat([lw.q, lw.k, lw.v]) for lw in lws]).transpose(1, 2).contiguous(),
             qkv_bias=torch.stack([torch.cat([lw.q_bias, lw.k_bias, lw.v_bias]) for lw in lws])[:, None, :]
             if has_bias else None,
-            o=torch.stack([lw.o for lw in lws]).transpose(1, 2),
+            o=torch.stack([lw.o for lw in lws]).transpose(1, 2).contiguous(),
             post_norm=torch.stack([lw.post_norm for lw in lws])[:, None, :].clone(),
-            gate_up=torch.stack([torch.cat([lw.gate, lw.up]) for lw in lws]).transpose(1, 2),
-            down=torch.stack([lw.down for lw in lws]).transpose(1, 2),
+            gate_up=torch.stack([torch.cat([lw.gate, lw.up]) for lw in lws]).transpose(1, 2).contiguous(),
+            down=torch.stack([lw.down for lw in lws]).transpose(1, 2).contiguous(),
         )
 
     @staticmethod
@@ -399,14 +449,15 @@ def reference_group_forward(runner: CausalLMRunner, group: Sequence[int], h: tor
 
 
 # ----- distillation -------------------------------------------------------------------------------
-def training_forward(drafter_model, input_ids: torch.Tensor, *, group_size: int,
+def training_forward(drafter_model, input_ids: torch.Tensor, *, plan: LayerPlan | int | Sequence[int],
                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Differentiable layer-parallel forward of an HF Llama-family model: hidden states [B, S, D].
 
-    input_ids [B, S]; attention_mask [B, S] (1 = token) optional, as in HF. Returns the hidden states
-    *before* the final norm (apply `model.model.norm` then the head for logits). group_size 1 equals
-    the HF model's own forward; larger groups apply the module's approximation with causal attention
-    over the sequence and no cache. Calls the HF decoder-layer modules, so ZeRO-3 gathering works.
+    input_ids [B, S]; attention_mask [B, S] (1 = token) optional, as in HF. `plan`: see `as_plan`.
+    Returns the hidden states *before* the final norm (apply `model.model.norm` then the
+    head for logits). A sequential plan equals the HF model's own forward; larger groups apply the
+    module's approximation with causal attention over the sequence and no cache. Calls the HF
+    decoder-layer modules, so ZeRO-3 gathering works.
     """
     from transformers.masking_utils import create_causal_mask
 
@@ -419,7 +470,7 @@ def training_forward(drafter_model, input_ids: torch.Tensor, *, group_size: int,
                               past_key_values=None, position_ids=position_ids)
     rope = base.rotary_emb(h, position_ids=position_ids)
     layers = base.layers[: base.config.num_hidden_layers]
-    for group in LayerPlan.grouped(len(layers), max(1, group_size)).groups:
+    for group in as_plan(plan, len(layers)).groups:
         outs = [layers[i](h, attention_mask=mask, position_embeddings=rope, position_ids=position_ids)
                 for i in group]
         outs = [o[0] if isinstance(o, tuple) else o for o in outs]
@@ -429,9 +480,8 @@ def training_forward(drafter_model, input_ids: torch.Tensor, *, group_size: int,
 
 # ----- measurement --------------------------------------------------------------------------------
 def measure_layer_parallel(target_runner: CausalLMRunner, drafter_runner: CausalLMRunner,
-                           prompts_token_ids: Sequence[Sequence[int]], *, group_size: int, gamma: int,
-                           max_new_tokens: int, devices: Sequence[str] = (), batch_size: int = 1,
-                           repeats: int = 3) -> dict:
+                           prompts_token_ids: Sequence[Sequence[int]], *, plan: LayerParallelConfig, gamma: int,
+                           max_new_tokens: int, batch_size: int = 1, repeats: int = 3) -> dict:
     """Greedy speculative decoding of the same prompts, sequential vs layer-parallel drafting.
 
     Runs alternate (sequential, layer-parallel) `repeats` times after one warm-up each; timings are
@@ -449,11 +499,10 @@ def measure_layer_parallel(target_runner: CausalLMRunner, drafter_runner: Causal
     config = EngineConfig(num_speculative_tokens=gamma, max_batch_size=batch_size, topk_logprobs=0,
                           max_model_len=max(map(len, prompts)) + max_new_tokens + gamma + 2)
     params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
-    lp_config = LayerParallelConfig(group_size, tuple(devices))
     previous = drafter_runner.layer_executor
 
     def run(mode: str, subset: list[list[int]]) -> dict:
-        install(drafter_runner, lp_config if mode == "layer_parallel" else None)
+        install(drafter_runner, plan if mode == "layer_parallel" else None)
         engine = SpecEngine(target_runner, drafter_runner, config=config)
         requests = [Request(f"{mode}-{i}", p, params) for i, p in enumerate(subset)]
         start = time.perf_counter()
@@ -487,9 +536,10 @@ def measure_layer_parallel(target_runner: CausalLMRunner, drafter_runner: Causal
     alpha_seq = seq["accepted"] / max(1, seq["compared"])
     alpha_par = par["accepted"] / max(1, par["compared"])
     return {
-        "group_size": group_size,
+        "group_size": plan.group_size,
+        "group_sizes": list(plan.plan(drafter_runner.num_layers).sizes),
         "gamma": gamma,
-        "devices": list(devices),
+        "devices": list(plan.devices),
         "num_prompts": len(prompts),
         "max_new_tokens": max_new_tokens,
         "repeats": repeats,

@@ -37,8 +37,9 @@ def test_bench_distill_generate_train_evaluate_and_resume(capsys, tmp_path):
 
     # the same traffic, the saved drafter as the start, a budget already spent: no step, nothing lost
     second = _run(capsys, "--traffic-uri", traffic, "--reuse-traffic", "--init-drafter", str(saved),
-                  "--steps", "50", "--max-train-minutes", "1e-9")
+                  "--steps", "50", "--max-train-minutes", "1e-9", "--layer-parallel-plan", "1,1")
     assert second["records"] == 12 and second["steps"] == 0 and second["init_drafter"] == str(saved)
+    assert second["layer_parallel_training"] == [1, 1]
     assert second["token_acceptance_before"] == pytest.approx(second["token_acceptance_after"])
     assert second["token_acceptance_before"] == pytest.approx(first["token_acceptance_after"])
 
@@ -46,3 +47,8 @@ def test_bench_distill_generate_train_evaluate_and_resume(capsys, tmp_path):
 def test_bench_distill_refuses_a_time_budget_for_ray_train():
     with pytest.raises(SystemExit):
         bench_distill.parse_args(["--max-train-minutes", "5"])
+
+
+def test_bench_distill_refuses_a_malformed_plan():
+    with pytest.raises(SystemExit):
+        bench_distill.parse_args(["--in-process", "--layer-parallel-plan", "1,two"])

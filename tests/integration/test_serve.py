@@ -329,3 +329,11 @@ def test_layer_parallel_drafting_is_configurable_per_pair():
     assert isinstance(executor, LayerParallelExecutor) and executor.approximate
     plain = SpecPairImpl({"target": "tiny", "drafter": "derived:0,1", "traffic": {"enabled": False}}, start=False)
     assert plain.loop.engine.drafter.layer_executor is None
+    explicit = SpecPairImpl({"target": "tiny", "drafter": "derived:0,1", "traffic": {"enabled": False},
+                             "engine": {"layer_parallel_group_sizes": [2]}}, start=False)
+    assert explicit.loop.engine.drafter.layer_executor.plan.sizes == (2,)
+    # a plan that does not fit the drafter refuses that drafter (the pair serves without one), with the reason
+    misfit = SpecPairImpl({"target": "tiny", "drafter": "derived:0,1", "traffic": {"enabled": False},
+                           "engine": {"layer_parallel_group_sizes": [1, 2]}}, start=False)
+    assert misfit.drafter_version == "none" and misfit.loop.engine.drafter is None
+    assert any("covers 3 layers, the drafter has 2" in reason for reason in misfit.refused.values())

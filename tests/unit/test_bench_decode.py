@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from draftsmith import bench_decode
 
 REQUIRED = ["autoregressive_tok_s", "speculative_tok_s", "hf_generate_tok_s", "hf_assisted_tok_s",
@@ -28,3 +30,18 @@ def test_leviathan_expected_tokens_and_speedup():
     assert abs(expected - (1 - 0.5 ** 5) / 0.5) < 1e-12
     assert abs(speedup - expected / 1.4) < 1e-12
     assert bench_decode.leviathan(1.0, 4, 0.0)[0] == 5
+
+
+def test_bench_decode_measures_an_explicit_layer_parallel_plan(capsys):
+    assert bench_decode.main(["--target", "tiny", "--drafter", "derived:0,1", "--n-prompts", "2", "--skip-hf",
+                              "--max-new-tokens", "8", "--max-prompt-tokens", "32", "--batch-size", "2",
+                              "--layer-parallel-plan", "2"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["group_sizes"] == [2] and report["outputs_identical"]
+    assert report["draft_speedup"] > 0 and 0.0 <= report["token_acceptance_layer_parallel"] <= 1.0
+
+
+def test_bench_decode_refuses_a_malformed_plan(capsys):
+    with pytest.raises(SystemExit):
+        bench_decode.main(["--target", "tiny", "--layer-parallel-plan", "1;2"])
+    assert "--layer-parallel-plan" in capsys.readouterr().err

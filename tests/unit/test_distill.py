@@ -150,6 +150,13 @@ def test_layer_parallel_aware_training_trains_both_forwards(target, records):
     assert stats["tokens"] == batch.num_tokens and 0.0 <= stats["top1_match_layer_parallel"] <= 1.0
     loss.backward()  # differentiable through the layer-parallel forward
     assert all(p.grad is not None for p in grouped.model.model.layers.parameters())
+    # the serving plan's explicit group sizes: all ones is sequential, a group of two is aware
+    assert not DistillStudent(derive_drafter(target, [0, 1]), layer_parallel_groups=[1, 1]).layer_parallel_aware
+    assert DistillStudent(derive_drafter(target, [0, 1]), layer_parallel_groups=(2,)).layer_parallel_aware
+    with pytest.raises(ValueError, match="covers 3 layers, the drafter has 2"):
+        DistillStudent(derive_drafter(target, [0, 1]), layer_parallel_groups=(1, 2))
+    with pytest.raises(ValueError, match="layer_parallel_groups"):
+        DistillConfig(layer_parallel_groups=(1, 0))
 
 
 def test_config_is_validated():

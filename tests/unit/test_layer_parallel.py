@@ -56,6 +56,20 @@ def test_layer_plan_groups():
     assert lp.LayerParallelConfig(0).plan(4).is_sequential
 
 
+def test_explicit_group_sizes():
+    plan = lp.LayerParallelConfig(group_sizes=lp.parse_group_sizes("1, 2,2,2,1")).plan(8)
+    assert plan.groups == ((0,), (1, 2), (3, 4), (5, 6), (7,)) and plan.sizes == (1, 2, 2, 2, 1)
+    assert lp.LayerParallelConfig(group_sizes=(1, 3, 1)).enabled
+    assert not lp.LayerParallelConfig(group_size=4, group_sizes=(1, 1)).enabled  # the sizes win
+    assert lp.as_plan(3, 4).sizes == (3, 1) and lp.as_plan([2, 2], 4).sizes == (2, 2)
+    assert lp.parse_group_sizes("") == ()
+    with pytest.raises(ValueError, match="covers 5 layers, the drafter has 8"):
+        lp.LayerParallelConfig(group_sizes=(2, 3)).plan(8)
+    for bad in ("1,x,2", "2,0"):
+        with pytest.raises(ValueError, match=bad):
+            lp.parse_group_sizes(bad)
+
+
 @pytest.mark.parametrize("group_size", [2, 3, 4])
 @pytest.mark.parametrize("gamma,batch", [(1, 4), (3, 1), (3, 4), (5, 2)])
 def test_greedy_output_equals_target(pair, group_size, gamma, batch):
@@ -228,7 +242,7 @@ def test_training_forward_group_one_equals_hf(pair):
     ids = torch.randint(0, 259, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = model.model(ids).last_hidden_state  # after the final norm
-        got = model.model.norm(lp.training_forward(model, ids, group_size=1))
+        got = model.model.norm(lp.training_forward(model, ids, plan=1))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
@@ -240,10 +254,18 @@ def test_training_forward_matches_serving_approximation_and_is_differentiable(pa
     with torch.no_grad():
         positions = torch.arange(10)[None].expand(2, 10)
         served = runner.hidden_states(ids, positions, runner.new_cache(2, 16), slice(0, 2))
-    hidden = lp.training_forward(model, ids, group_size=2)
+    hidden = lp.training_forward(model, ids, plan=2)
     torch.testing.assert_close(hidden.detach(), served, rtol=1e-4, atol=1e-5)
-    sequential = lp.training_forward(model, ids, group_size=1).detach()
+    sequential = lp.training_forward(model, ids, plan=1).detach()
     assert not torch.allclose(hidden.detach(), sequential, atol=1e-4)
+    # an explicit plan, as served (first and last layer alone)
+    lp.install(runner, lp.LayerParallelConfig(group_sizes=(1, 2, 1)))
+    with torch.no_grad():
+        served = runner.hidden_states(ids, positions, runner.new_cache(2, 16), slice(0, 2))
+        explicit = lp.training_forward(model, ids, plan=(1, 2, 1))
+    torch.testing.assert_close(explicit, served, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(explicit, hidden.detach(), atol=1e-4)
+    torch.testing.assert_close(lp.training_forward(model, ids, plan=(1, 1, 1, 1)).detach(), sequential)
     hidden.pow(2).mean().backward()
     assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
     model.zero_grad(set_to_none=True)
@@ -252,8 +274,10 @@ def test_training_forward_matches_serving_approximation_and_is_differentiable(pa
 def test_measure_layer_parallel_reports_fields(pair):
     target, drafter = pair
     drafter_runner = runner_for(None, drafter)
-    report = lp.measure_layer_parallel(runner_for(target.model), drafter_runner, PROMPTS[:2], group_size=2,
+    report = lp.measure_layer_parallel(runner_for(target.model), drafter_runner, PROMPTS[:2],
+                                       plan=lp.LayerParallelConfig(group_sizes=(1, 2, 1)),
                                        gamma=3, max_new_tokens=12, repeats=1)
+    assert report["group_sizes"] == [1, 2, 1]
     for key in ("draft_step_ms_sequential", "draft_step_ms_layer_parallel", "draft_speedup",
                 "token_acceptance_sequential", "token_acceptance_layer_parallel", "acceptance_drop_rel",
                 "speculative_tok_s_sequential", "speculative_tok_s_layer_parallel"):

@@ -112,6 +112,13 @@ def test_config_from_flat_strings_and_yaml(tmp_path):
         ServeAppConfig(drafter="models:/d@champion")
     with pytest.raises(ValueError, match="first placement bundle"):
         ServeAppConfig(placement={"num_cpus": 2, "bundles": [{"CPU": 1}]})
+    # a two-GPU pair needs both GPUs in the replica actor
+    two_gpus = {"engine": {"layer_parallel_devices": ["cuda:0", "cuda:1"]}}
+    with pytest.raises(ValueError, match="names 2 GPUs but the replica actor has placement.num_gpus=1"):
+        ServeAppConfig(**two_gpus, placement={"num_gpus": 1, "bundles": [{"CPU": 1, "GPU": 1}, {"GPU": 1}]})
+    ServeAppConfig(**two_gpus, placement={"num_gpus": 2, "bundles": [{"CPU": 1, "GPU": 2}]})
+    with pytest.raises(ValueError, match="layer_parallel_group_sizes"):
+        ServeAppConfig(engine={"layer_parallel_group_sizes": [1, 0]})
 
 
 def test_record_from_result():
