@@ -22,7 +22,8 @@ import time
 import torch
 
 from draftsmith.datasets_io import load_prompt_source
-from draftsmith.layer_parallel import LayerParallelConfig, measure_layer_parallel, parse_group_sizes, split_target
+from draftsmith.layer_parallel import (LayerParallelConfig, measure_layer_parallel, parse_group_sizes,
+                                       split_target)
 from draftsmith.models import EMBEDDED_TARGET, LoadedModel, derive_drafter, frequent_token_ids, load_drafter, load_model
 from draftsmith.sampling import SamplingParams
 from draftsmith.specdec import EngineConfig, Request, SpecEngine, runner_for

@@ -19,13 +19,13 @@ an exact input only if every earlier group has size one.
 
 Plans. Groups of a uniform size (`LayerPlan.grouped`) or explicit sizes (`LayerPlan.from_sizes`,
 `LayerParallelConfig.group_sizes`). Where the approximation costs acceptance depends on the drafter: a
-drafter cut from a deep target (its first and last layers) changes its residual stream most in its
+drafter cut from the first and last layers of a deep target changes its residual stream most in its own
 first and last layer, and a plan that keeps those two alone (e.g. 1,2,2,2,1 for 8 layers) loses much
 less acceptance than uniform pairs (measured figures in the README).
 
 Execution. `LayerParallelExecutor` is installed as `runner.layer_executor` (see `install`):
-- one device: the weights of each group are stacked once into contiguous `[n, in, out]` tensors (q/k/v fused,
-  gate/up fused) and cached; a group's matmuls become `torch.baddbmm`/`torch.bmm` over the n members,
+- one device: the weights of each group are stacked once into contiguous `[n, in, out]` tensors (q/k/v
+  fused, gate/up fused) and cached; a group's matmuls become `torch.baddbmm`/`torch.bmm` over the n members,
   the RMS statistics of h are shared, and the members' attention calls run over per-layer cache views.
   The stacks are copies: they are rebuilt when a source parameter changes (its version counter moves),
   so a drafter updated in place stays correct; they cost one extra copy of the drafter's layer weights.
@@ -453,11 +453,11 @@ def training_forward(drafter_model, input_ids: torch.Tensor, *, plan: LayerPlan 
                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Differentiable layer-parallel forward of an HF Llama-family model: hidden states [B, S, D].
 
-    input_ids [B, S]; attention_mask [B, S] (1 = token) optional, as in HF. `plan`: see `as_plan`.
-    Returns the hidden states *before* the final norm (apply `model.model.norm` then the
-    head for logits). A sequential plan equals the HF model's own forward; larger groups apply the
-    module's approximation with causal attention over the sequence and no cache. Calls the HF
-    decoder-layer modules, so ZeRO-3 gathering works.
+    input_ids [B, S]; attention_mask [B, S] (1 = token) optional, as in HF; `plan`: see `as_plan`.
+    Returns the hidden states *before* the final norm (apply `model.model.norm` then the head for
+    logits). A sequential plan equals the HF model's own forward; larger groups apply the module's
+    approximation with causal attention over the sequence and no cache. Calls the HF decoder-layer
+    modules, so ZeRO-3 gathering works.
     """
     from transformers.masking_utils import create_causal_mask
 
@@ -480,8 +480,8 @@ def training_forward(drafter_model, input_ids: torch.Tensor, *, plan: LayerPlan 
 
 # ----- measurement --------------------------------------------------------------------------------
 def measure_layer_parallel(target_runner: CausalLMRunner, drafter_runner: CausalLMRunner,
-                           prompts_token_ids: Sequence[Sequence[int]], *, plan: LayerParallelConfig, gamma: int,
-                           max_new_tokens: int, batch_size: int = 1, repeats: int = 3) -> dict:
+                           prompts_token_ids: Sequence[Sequence[int]], *, plan: LayerParallelConfig,
+                           gamma: int, max_new_tokens: int, batch_size: int = 1, repeats: int = 3) -> dict:
     """Greedy speculative decoding of the same prompts, sequential vs layer-parallel drafting.
 
     Runs alternate (sequential, layer-parallel) `repeats` times after one warm-up each; timings are
