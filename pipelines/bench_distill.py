@@ -33,6 +33,8 @@ logger = logging.getLogger("draftsmith.bench_distill")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    from draftsmith.bench_decode import group_sizes_arg
+
     p = argparse.ArgumentParser(prog="draftsmith bench distill", description=__doc__.split("\n\n")[0])
     p.add_argument("--target", default="smollm2-135m-instruct", help="target model spec")
     p.add_argument("--device", default="cpu")
@@ -53,7 +55,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "(--layers and --draft-vocab-size are then ignored)")
     p.add_argument("--layer-parallel", type=int, default=None, metavar="GROUP_SIZE",
                    help="layer-parallel-aware distillation: train the sequential and the grouped forward")
-    p.add_argument("--layer-parallel-plan", default="", metavar="SIZES",
+    p.add_argument("--layer-parallel-plan", type=group_sizes_arg, default=(), metavar="SIZES",
                    help="layer-parallel-aware distillation under these consecutive group sizes (e.g. 1,2,2,2,1, "
                    "as served with engine.layer_parallel_group_sizes); overrides --layer-parallel")
     p.add_argument("--draft-vocab-size", type=int, default=None, help="trimmed head size (None: full vocab)")
@@ -89,12 +91,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--max-train-minutes bounds the in-process loop: add --in-process (Ray Train runs --steps)")
     if args.workers > 1 and args.in_process:
         p.error("--in-process trains in one process: drop it to use --workers > 1 (Ray Train)")
-    from draftsmith.layer_parallel import parse_group_sizes
-
-    try:  # the plan layer-parallel-aware training uses: explicit group sizes, a group size, or None
-        args.layer_parallel_groups = list(parse_group_sizes(args.layer_parallel_plan)) or args.layer_parallel
-    except ValueError as error:
-        p.error(f"--layer-parallel-plan: {error}")
+    # the plan layer-parallel-aware training uses: explicit group sizes, a group size, or None
+    args.layer_parallel_groups = list(args.layer_parallel_plan) or args.layer_parallel
     return args
 
 

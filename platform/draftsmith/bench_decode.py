@@ -31,6 +31,14 @@ from draftsmith.specdec import EngineConfig, Request, SpecEngine, runner_for
 logger = logging.getLogger(__name__)
 
 
+def group_sizes_arg(text: str) -> tuple[int, ...]:
+    """argparse type of --layer-parallel-plan: `parse_group_sizes`, its message the CLI's error."""
+    try:
+        return parse_group_sizes(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default=EMBEDDED_TARGET, help="preset, HF directory or .gguf file")
     parser.add_argument("--drafter", default="derived:first2+last1",
@@ -47,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--layer-parallel", type=int, default=0,
                         help="also measure layer-parallel drafting with groups of this size")
-    parser.add_argument("--layer-parallel-plan", default="", metavar="SIZES",
+    parser.add_argument("--layer-parallel-plan", type=group_sizes_arg, default=(), metavar="SIZES",
                         help="also measure layer-parallel drafting with these consecutive group sizes "
                         "(e.g. 1,2,2,2,1 for an 8-layer drafter: first and last layer sequential); "
                         "overrides --layer-parallel's uniform groups")
@@ -269,8 +277,7 @@ def run(args: argparse.Namespace) -> dict:
         "greedy_mismatches": mismatches,
     }
     if args.layer_parallel or args.layer_parallel_plan:
-        plan = LayerParallelConfig(max(1, args.layer_parallel), tuple(pair_devices),
-                                   parse_group_sizes(args.layer_parallel_plan))
+        plan = LayerParallelConfig(max(1, args.layer_parallel), tuple(pair_devices), args.layer_parallel_plan)
         report.update(measure_layer_parallel(target_runner, drafter_runner, prompts, plan=plan, gamma=args.gamma,
                                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size))
     return report
@@ -309,10 +316,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="draftsmith bench decode", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        parse_group_sizes(args.layer_parallel_plan)  # refuse a malformed plan before loading any model
-    except ValueError as error:
-        parser.error(f"--layer-parallel-plan: {error}")
     report = run(args)
     print(summary_table(report), flush=True)
     print(json.dumps(report))
