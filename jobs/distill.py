@@ -74,7 +74,8 @@ class DistillJobConfig(BaseModel):
     drafter: str = Field(
         "models:/draftsmith-drafter@champion",
         description="starting drafter: models:/<name>@<alias> or /<version>, a local drafter dir, or "
-                    "derived:<layers> (e.g. derived:first2+last1)")
+                    "derived:<layers> (e.g. derived:first2+last1) or feature:<layers> (e.g. feature:last1, an "
+                    "EAGLE-style drafter that reads the target's features)")
     fallback_derivation: str | None = Field(
         "derived:first2+last1", description="used when `drafter` is a models:/ alias that does not exist yet")
     draft_vocab_size: int | None = Field(None, ge=2, description="trimmed head size for a derived drafter")
@@ -94,6 +95,10 @@ class DistillJobConfig(BaseModel):
     layer_parallel_groups: PositiveInt | list[PositiveInt] | None = Field(
         None, description="layer-parallel-aware training, the sequential and the grouped forward's losses averaged: "
         "a group size, or the serving plan's group sizes (engine.layer_parallel_group_sizes, e.g. [1, 2, 2, 2, 1])")
+    feature_loss_weight: float = Field(
+        1.0, ge=0, description="a feature-reading drafter: weight of its regression of the target's next feature")
+    feature_cache_gb: float = Field(
+        2.0, ge=0, description="a feature-reading drafter: GB of target features kept per worker across epochs")
     seed: int = Field(0, description="data order and initialization seed")
     # scaling and strategy
     num_workers: int = Field(1, ge=1, description="Ray Train workers")
@@ -237,7 +242,7 @@ def _load_training_drafter(path: str):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from draftsmith.models import DRAFT_HEAD_FILE, DRAFTER_META_FILE, Drafter
+    from draftsmith.models import DRAFT_HEAD_FILE, DRAFTER_META_FILE, FEATURE_FC_FILE, Drafter
 
     path = Path(path)
     meta = json.loads((path / DRAFTER_META_FILE).read_text()) if (path / DRAFTER_META_FILE).exists() else {}
@@ -245,6 +250,8 @@ def _load_training_drafter(path: str):
     if (path / DRAFT_HEAD_FILE).exists():
         head = load_file(str(path / DRAFT_HEAD_FILE))
         drafter.head_weight, drafter.head_token_ids = head["weight"].float(), head["token_ids"].long()
+    if (path / FEATURE_FC_FILE).exists():
+        drafter.feature_fc = load_file(str(path / FEATURE_FC_FILE))["weight"].float()
     return drafter
 
 
@@ -263,7 +270,15 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
     import torch
 
-    from draftsmith.distill import DistillConfig, DistillStudent, collate, distill_loss, make_optimizer, train_step
+    from draftsmith.distill import (
+        DistillConfig,
+        DistillStudent,
+        TargetFeatureCache,
+        collate,
+        distill_loss,
+        make_optimizer,
+        train_step,
+    )
     from draftsmith.models import save_drafter
 
     ctx = ray.train.get_context()
@@ -279,11 +294,13 @@ def train_loop_per_worker(config: dict) -> None:
     total = algo.steps or algo.epochs * per_epoch
     student = DistillStudent(_load_training_drafter(config["drafter_dir"]), train_head=algo.train_head,
                              layer_parallel_groups=algo.layer_parallel_groups)
-    target_model = None
-    if algo.full_teacher_logits:
+    target_model, feature_cache = None, None
+    if algo.full_teacher_logits or student.reads_target_features:
         from draftsmith.models import load_model
 
         target_model = load_model(config["target"], device=str(device)).model
+    if student.reads_target_features:
+        feature_cache = TargetFeatureCache(target_model, algo.feature_cache_gb * 2**30)
     deepspeed = config["strategy"] == "deepspeed"
     if deepspeed:
         import deepspeed as ds
@@ -323,15 +340,16 @@ def train_loop_per_worker(config: dict) -> None:
         first = (within * world + rank) * algo.batch_size
         indices = [order[(first + i) % len(data)] for i in range(algo.batch_size)]
         batch = collate(_rows(data, indices), max_seq_len=algo.max_seq_len).to(device)
+        features = feature_cache.features(indices, batch) if feature_cache else None
         if deepspeed:
             model.train()
-            loss, stats = distill_loss(model, batch, algo, target_model=target_model)
+            loss, stats = distill_loss(model, batch, algo, target_model=target_model, target_features=features)
             model.backward(loss)
             model.step()
         else:
-            stats = train_step(model, optimizer, batch, algo, target_model=target_model)
-        for key in ("loss", "top1_match", "tokens", "top1_match_layer_parallel"):
-            if key in stats:  # the last one only in layer-parallel-aware training
+            stats = train_step(model, optimizer, batch, algo, target_model=target_model, target_features=features)
+        for key in ("loss", "top1_match", "tokens", "top1_match_layer_parallel", "feature_loss"):
+            if key in stats:  # the last two only in layer-parallel-aware or feature-drafter training
                 window[key] = window.get(key, 0.0) + stats[key]
         window["n"] += 1
         tokens_seen += stats["tokens"]
@@ -343,8 +361,9 @@ def train_loop_per_worker(config: dict) -> None:
                    "loss": window["loss"] / window["n"], "top1_match": window["top1_match"] / window["n"],
                    "tokens_per_s": window["tokens"] * world / max(elapsed, 1e-9),
                    "train_tokens": tokens_seen * world}
-        if "top1_match_layer_parallel" in window:
-            metrics["top1_match_layer_parallel"] = window["top1_match_layer_parallel"] / window["n"]
+        for key in ("top1_match_layer_parallel", "feature_loss"):
+            if key in window:
+                metrics[key] = window[key] / window["n"]
         window = {"loss": 0.0, "top1_match": 0.0, "tokens": 0.0, "n": 0}
         window_start = time.perf_counter()
         if mlflow:
@@ -393,8 +412,8 @@ def _registry(cfg: DistillJobConfig):
 
 
 def resolve_starting_drafter(cfg: DistillJobConfig, target, train_output_ids, staging: Path):
-    """(Drafter, parent_version | None) from a models:/ URI, a local dir or `derived:<layers>`."""
-    from draftsmith.models import derive_drafter, frequent_token_ids, load_drafter
+    """(Drafter, parent_version | None) from a models:/ URI, a local dir, `derived:<layers>` or `feature:<layers>`."""
+    from draftsmith.models import DERIVATION_PREFIXES, derive_from_spec, frequent_token_ids, load_drafter
 
     spec = cfg.drafter
     if spec.startswith("models:/"):
@@ -411,11 +430,11 @@ def resolve_starting_drafter(cfg: DistillJobConfig, target, train_output_ids, st
         else:
             local = registry.download(version.version, staging / "parent")
             return load_drafter(local, target, version=version.version), version.version
-    if spec.startswith("derived:"):
+    if spec.startswith(DERIVATION_PREFIXES):
         vocab = None
         if cfg.draft_vocab_size:
             vocab = frequent_token_ids(train_output_ids, cfg.draft_vocab_size, always=target.eos_token_ids)
-        return derive_drafter(target, spec[len("derived:"):], draft_vocab_ids=vocab), None
+        return derive_from_spec(target, spec, draft_vocab_ids=vocab), None
     return load_drafter(spec, target, version=Path(spec).name), None
 
 
@@ -463,7 +482,8 @@ def run_distill(cfg: DistillJobConfig, *, load_probe: Callable[[], float] | None
     tags = {"target_id": target.model_id, "target_revision": target.revision,
             "tokenizer_hash": target.tokenizer_hash, "traffic_since": window["since"],
             "traffic_until": window["until"], "heldout_since": data.stats["heldout_since"] or "",
-            "loss": cfg.loss, "parent_version": parent_version or "", "strategy": cfg.strategy}
+            "loss": cfg.loss, "parent_version": parent_version or "", "strategy": cfg.strategy,
+            "drafter_kind": drafter.meta.get("kind", "external")}
     run_logger = MlflowRunLogger.start(cfg.tracking_uri, cfg.experiment, run_name, tags) if cfg.tracking_uri else None
     loop_config = {
         "distill": dataclasses.asdict(cfg.distill_config()),

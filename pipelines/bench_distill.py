@@ -6,8 +6,8 @@
 Steps: (1) backfill (default: one teacher-forced pass per ShareGPT train conversation) or generate
 (`--traffic generate`: the engine answers the first prompts) traffic into a fresh log; (2) derive the
 drafter from the target (`--layers`, `--draft-vocab-size` from the traffic's most frequent output
-tokens); (3) evaluate it on held-out prompts (`--heldout sharegpt|jsonl:PATH`, greedy, gamma 4)
-"before"; (4) distill it, in this process (`--in-process`, no Ray) or through Ray Train
+tokens; `--feature-drafter` for one that reads the target's features); (3) evaluate it on held-out
+prompts (`--heldout sharegpt|jsonl:PATH`, greedy, gamma 4) "before"; (4) distill it, in this process (`--in-process`, no Ray) or through Ray Train
 (`jobs.distill.run_distill`, the default; required for `--workers > 1`); (5) evaluate "after" and the
 target alone (autoregressive) in the same engine. Progress goes to stderr; the LAST stdout line is one
 JSON object (records, train_tokens, train_seconds, *_before / *_after, autoregressive_tok_s,
@@ -50,7 +50,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--topk", type=int, default=8, help="target top-k logged per position")
     p.add_argument("--backfill-batch-size", type=int, default=8)
     # drafter design
-    p.add_argument("--layers", default="first2+last1", help="target layers kept (first2+last1, 0,1,29, ...)")
+    p.add_argument("--layers", default=None, help="target layers kept (first2+last1, 0,1,29, ...; default "
+                   "first2+last1, or last1 with --feature-drafter)")
+    p.add_argument("--feature-drafter", action="store_true",
+                   help="derive an EAGLE-style drafter that reads the target's features (draftsmith.models)")
+    p.add_argument("--feature-loss-weight", type=float, default=1.0,
+                   help="a feature drafter's regression of the target's next feature, beside the divergence")
     p.add_argument("--init-drafter", help="start from this drafter directory instead of deriving one "
                    "(--layers and --draft-vocab-size are then ignored)")
     p.add_argument("--layer-parallel", type=int, default=None, metavar="GROUP_SIZE",
@@ -93,6 +98,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--in-process trains in one process: drop it to use --workers > 1 (Ray Train)")
     # the plan layer-parallel-aware training uses: explicit group sizes, a group size, or None
     args.layer_parallel_groups = list(args.layer_parallel_plan) or args.layer_parallel
+    args.layers = args.layers or ("last1" if args.feature_drafter else "first2+last1")
+    args.drafter_spec = f"{'feature' if args.feature_drafter else 'derived'}:{args.layers}"
     return args
 
 
@@ -139,16 +146,20 @@ def train_in_process(args, drafter, train_dataset, target) -> tuple[object, dict
     import torch
     from tqdm.auto import tqdm
 
-    from draftsmith.distill import DistillConfig, DistillStudent, collate, make_optimizer, train_step
+    from draftsmith.distill import DistillConfig, DistillStudent, TargetFeatureCache, collate, make_optimizer, train_step
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     config = DistillConfig(loss=args.loss, jsd_beta=args.jsd_beta, wrong_weight=args.wrong_weight, lr=args.lr,
                            batch_size=args.batch_size, max_seq_len=args.max_seq_len, steps=args.steps,
                            epochs=args.epochs, train_head=not args.no_train_head, seed=args.seed,
-                           layer_parallel_groups=args.layer_parallel_groups)
+                           layer_parallel_groups=args.layer_parallel_groups,
+                           feature_loss_weight=args.feature_loss_weight)
     student = DistillStudent(drafter, train_head=config.train_head, layer_parallel_groups=args.layer_parallel_groups)
     optimizer = make_optimizer(student, config)
+    feature_cache = None
+    if student.reads_target_features:
+        feature_cache = TargetFeatureCache(target.model, config.feature_cache_gb * 2**30)
     n = len(train_dataset)
     steps = config.steps or max(1, config.epochs * math.ceil(n / config.batch_size))
     order: list[int] = []
@@ -172,7 +183,8 @@ def train_in_process(args, drafter, train_dataset, target) -> tuple[object, dict
             rows = train_dataset[batch_ids]
             records = [dict(zip(rows, values)) for values in zip(*rows.values())]
             batch = collate(records, max_seq_len=config.max_seq_len, pad_id=pad_id)
-            stats = train_step(student, optimizer, batch, config)
+            features = feature_cache.features(batch_ids, batch) if feature_cache else None
+            stats = train_step(student, optimizer, batch, config, target_model=target.model, target_features=features)
             tokens += stats["tokens"]
             done = step + 1
             bar.update(1)
@@ -189,7 +201,8 @@ def train_with_ray(args, traffic_uri: str, state_dir: str, target) -> tuple[obje
 
     cfg = DistillJobConfig(
         traffic_uri=traffic_uri, heldout_fraction=0.0, target=args.target,
-        drafter=args.init_drafter or f"derived:{args.layers}", layer_parallel_groups=args.layer_parallel_groups,
+        drafter=args.init_drafter or args.drafter_spec, layer_parallel_groups=args.layer_parallel_groups,
+        feature_loss_weight=args.feature_loss_weight,
         draft_vocab_size=args.draft_vocab_size, loss=args.loss, jsd_beta=args.jsd_beta,
         wrong_weight=args.wrong_weight, lr=args.lr, batch_size=args.batch_size, max_seq_len=args.max_seq_len,
         steps=args.steps, epochs=args.epochs, train_head=not args.no_train_head, seed=args.seed,
@@ -211,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from draftsmith.bench_decode import leviathan
     from draftsmith.datasets_io import load_prompt_source
     from draftsmith.evaluation import evaluate_drafters, plot_comparison, prompts_from_messages
-    from draftsmith.models import derive_drafter, frequent_token_ids, load_drafter, load_model, save_drafter
+    from draftsmith.models import derive_from_spec, frequent_token_ids, load_drafter, load_model, save_drafter
     from pipelines.dataset import build_distill_dataset
 
     torch.manual_seed(args.seed)
@@ -238,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.init_drafter:
         drafter = load_drafter(args.init_drafter, target, version="init")
     else:
-        drafter = derive_drafter(target, args.layers, draft_vocab_ids=vocab)
+        drafter = derive_from_spec(target, args.drafter_spec, draft_vocab_ids=vocab)
     messages = load_prompt_source(args.heldout, args.heldout_n, split="heldout")
     prompts = prompts_from_messages(target.tokenizer, messages, args.eval_max_prompt_tokens)
     logger.info("held-out: %d prompts from %s (%d tokens)", len(prompts), args.heldout,
@@ -269,6 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     b, a, ar = before.get("before"), after.get("after"), after.autoregressive[0.0]
     draft_params = sum(p.numel() for p in trained.model.model.layers.parameters())
+    draft_params += 0 if trained.feature_fc is None else trained.feature_fc.numel()
     target_params = sum(p.numel() for p in target.model.model.layers.parameters())
     vocab_size = target.model.config.vocab_size
     head = trained.head_token_ids.numel() if trained.head_token_ids is not None else vocab_size
@@ -282,7 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "train_backend": f"ray_train({args.workers}x{args.strategy})" if use_ray else "in_process",
         "steps": train_info["steps"], "final_loss": train_info["final_loss"],
         "final_top1": train_info.get("final_top1"), "final_top1_layer_parallel": train_info.get("final_top1_layer_parallel"),
-        "layers": drafter.meta.get("layers"), "init_drafter": args.init_drafter,
+        "layers": drafter.meta.get("layers"), "drafter_kind": trained.meta.get("kind"),
+        "init_drafter": args.init_drafter,
         "layer_parallel_training": args.layer_parallel_groups,
         "draft_vocab_size": None if trained.head_token_ids is None else trained.head_token_ids.numel(),
         "loss": args.loss,

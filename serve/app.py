@@ -299,7 +299,7 @@ def build_app(args: dict) -> serve.Application:
     cfg = parse_app_args(args)
     if "://" not in cfg.traffic.uri:  # replicas may run elsewhere: pin the path as the builder sees it
         cfg.traffic.uri = os.path.abspath(cfg.traffic.uri)
-    if cfg.drafter and not cfg.drafter.startswith(("derived:", "models:/")) and "://" not in cfg.drafter:
+    if cfg.drafter and not cfg.drafter.startswith(("derived:", "feature:", "models:/")) and "://" not in cfg.drafter:
         cfg.drafter = os.path.abspath(os.path.expanduser(cfg.drafter))
     config = cfg.model_dump()
     traffic_logger = None

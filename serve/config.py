@@ -112,7 +112,8 @@ class ServeAppConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype.")
     drafter: str | None = Field(
         "derived:first1", description="Drafter source: a local drafter dir (re-read when its contents change), "
-        "`derived:<layers>` (derived from the target at start), `models:/<name>@<alias>` (MLflow), or null.")
+        "`derived:<layers>` (derived from the target at start; `feature:<layers>` for an EAGLE-style drafter that "
+        "reads the target's features), `models:/<name>@<alias>` (MLflow), or null.")
     mlflow_tracking_uri: str | None = Field(None, description="MLflow tracking URI for a models:/ drafter source.")
     mlflow_registry_uri: str | None = Field(None, description="MLflow registry URI (default: the tracking URI).")
     drafter_poll_interval_s: float = Field(30.0, gt=0, description="Seconds between checks for a new drafter.")
@@ -152,8 +153,8 @@ class ServeAppConfig(BaseModel):
     def _drafter_source(cls, value: str | None) -> str | None:
         if value in (None, "", "none", "null"):
             return None
-        if value.startswith("derived:") and len(value) == len("derived:"):
-            raise ValueError("`derived:` needs a layer spec, e.g. derived:first2+last1 or derived:0,29")
+        if value in ("derived:", "feature:"):
+            raise ValueError(f"`{value}` needs a layer spec, e.g. derived:first2+last1, derived:0,29 or feature:last1")
         return value
 
     @model_validator(mode="after")

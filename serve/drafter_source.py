@@ -7,7 +7,8 @@ to load and swap.
 
 - a local directory (or a symlink to one): the version is the resolved directory's name plus a
   fingerprint of its files, so re-pointing a symlink or overwriting the directory is a new version;
-- `derived:<layers>`: derived from the target at start (`derived:first2+last1`), never changes;
+- `derived:<layers>` / `feature:<layers>`: derived from the target at start (`derived:first2+last1`,
+  `feature:last1` for a drafter that reads the target's features), never changes;
 - `models:/<name>@<alias>` (or `/<version>`): resolved through `draftsmith.registry.DrafterRegistry`
   (or any object with the same `resolve`/`download`, injected for tests); the version is the
   registry's version number, downloaded once into a cache folder.
@@ -72,16 +73,11 @@ class LocalDirSource:
 class DerivedSource:
     spec: str
 
-    @property
-    def layers(self) -> str:
-        return self.spec[len("derived:"):]
-
     def current(self) -> DrafterRef:
-        version = f"derived-{self.layers}"
+        version = self.spec.replace(":", "-", 1)  # derived-first1, feature-last1
 
         def load(target: models.LoadedModel) -> models.Drafter:
-            layers = [int(x) for x in self.layers.split(",")] if self.layers.replace(",", "").isdigit() else self.layers
-            drafter = models.derive_drafter(target, layers)
+            drafter = models.derive_from_spec(target, self.spec)
             drafter.version = version
             return drafter
 
@@ -120,7 +116,7 @@ def make_source(spec: str | None, *, tracking_uri: str | None = None, registry_u
     """The source for a drafter spec (None: serve without a drafter)."""
     if spec is None:
         return None
-    if spec.startswith("derived:"):
+    if spec.startswith(models.DERIVATION_PREFIXES):
         return DerivedSource(spec)
     if spec.startswith("models:/"):
         from draftsmith.registry import DrafterRegistry, parse_models_uri

@@ -24,7 +24,15 @@ import torch
 from draftsmith.datasets_io import load_prompt_source
 from draftsmith.layer_parallel import (LayerParallelConfig, measure_layer_parallel, parse_group_sizes,
                                        split_target)
-from draftsmith.models import EMBEDDED_TARGET, LoadedModel, derive_drafter, frequent_token_ids, load_drafter, load_model
+from draftsmith.models import (
+    DERIVATION_PREFIXES,
+    EMBEDDED_TARGET,
+    LoadedModel,
+    derive_from_spec,
+    frequent_token_ids,
+    load_drafter,
+    load_model,
+)
 from draftsmith.sampling import SamplingParams
 from draftsmith.specdec import EngineConfig, Request, SpecEngine, runner_for
 
@@ -42,7 +50,8 @@ def group_sizes_arg(text: str) -> tuple[int, ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default=EMBEDDED_TARGET, help="preset, HF directory or .gguf file")
     parser.add_argument("--drafter", default="derived:first2+last1",
-                        help="a drafter directory, or derived:<layers> (e.g. derived:first2+last1, derived:0,29)")
+                        help="a drafter directory, or derived:<layers> (e.g. derived:first2+last1, derived:0,29), "
+                        "or feature:<layers> (an EAGLE-style drafter reading the target's features, e.g. feature:last1)")
     parser.add_argument("--draft-vocab", type=int, default=0,
                         help="trim the derived drafter's head to the N most frequent tokens of ShareGPT train replies")
     parser.add_argument("--prompts", default="sharegpt", help="sharegpt (held-out slice) or jsonl:PATH")
@@ -67,13 +76,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_drafter(target: LoadedModel, spec: str, draft_vocab: int = 0):
-    """A drafter from a directory or a `derived:<layers>` spec (optionally with a trimmed head)."""
-    if not spec.startswith("derived:"):
+    """A drafter from a directory or a `derived:<layers>` / `feature:<layers>` spec (optionally with a trimmed head)."""
+    if not spec.startswith(DERIVATION_PREFIXES):
         return load_drafter(spec, target)
     vocab_ids = None
     if draft_vocab:
         vocab_ids = frequent_token_ids(_reply_token_ids(target), draft_vocab, always=target.eos_token_ids)
-    drafter = derive_drafter(target, spec.split(":", 1)[1], draft_vocab_ids=vocab_ids)
+    drafter = derive_from_spec(target, spec, draft_vocab_ids=vocab_ids)
     drafter.version = spec + (f"/v{draft_vocab}" if draft_vocab else "")
     return drafter
 
@@ -109,20 +118,24 @@ def _median_ms(fn, repeats: int = 7) -> float:
 
 @torch.inference_mode()
 def measure_step_costs(target_runner, drafter_runner, context: int, gamma: int) -> dict:
-    """Median times of one target step, one target verification of gamma+1 tokens, one drafter step."""
+    """Median times of one target step, one target verification of gamma+1 tokens, one drafter step (a
+    feature-reading drafter's step reads a feature too, as it does when drafting)."""
     device = target_runner.device
     ids = torch.randint(0, target_runner.embed.shape[0], (1, context), device=device)
     positions = torch.arange(context, device=device)[None]
     tcache, dcache = target_runner.new_cache(1, context + gamma + 2), drafter_runner.new_cache(1, context + gamma + 2)
-    target_runner.forward(ids, positions, tcache, slice(0, 1))
-    drafter_runner.forward(ids, positions, dcache, slice(0, 1))
+    _, features = target_runner.forward(ids, positions, tcache, slice(0, 1), return_features=True)
+    reads_features = drafter_runner.feature_fc is not None
+    drafter_runner.forward(ids, positions, dcache, slice(0, 1), features=features if reads_features else None)
     one = torch.tensor([[5]], device=device)
     at = torch.tensor([[context]], device=device)
     many = torch.full((1, gamma + 1), 5, device=device)
     at_many = context + torch.arange(gamma + 1, device=device)[None]
+    feature = features[:, -1:] if reads_features else None
     target_ms = _median_ms(lambda: target_runner.forward(one, at, tcache, slice(0, 1)))
     verify_ms = _median_ms(lambda: target_runner.forward(many, at_many, tcache, slice(0, 1)))
-    drafter_ms = _median_ms(lambda: drafter_runner.forward(one, at, dcache, slice(0, 1)))
+    drafter_ms = _median_ms(lambda: drafter_runner.forward(one, at, dcache, slice(0, 1), features=feature,
+                                                           return_features=reads_features))
     return {"target_step_ms": target_ms, "verify_ms": verify_ms, "drafter_step_ms": drafter_ms,
             "cost_ratio": drafter_ms / target_ms, "verify_cost_ratio": verify_ms / target_ms}
 
@@ -170,6 +183,8 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     target = load_model(args.target, device=args.device)
     drafter = build_drafter(target, args.drafter, args.draft_vocab)
+    if (args.layer_parallel or args.layer_parallel_plan) and drafter.reads_target_features:
+        raise SystemExit("a drafter that reads the target's features drafts sequentially: drop --layer-parallel*")
     tokenizer = target.tokenizer
     prompts = render_prompts(target, args.prompts, args.n_prompts, args.max_prompt_tokens)
     logger.info("%d prompts, %d-%d tokens", len(prompts), min(map(len, prompts)), max(map(len, prompts)))
@@ -222,6 +237,8 @@ def run(args: argparse.Namespace) -> dict:
             continue  # transformers' assisted generation decodes one sequence at a time
         ids = batch[0]
         paths["hf"].add(*_timed(lambda: hf_generate(ids)))
+        if drafter.reads_target_features:
+            continue  # transformers cannot run a drafter that reads the target's features
         paths["hf_assisted"].add(*_timed(lambda: hf_generate(
             ids, assistant_model=hf_drafter, num_assistant_tokens=args.gamma,
             num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0)))

@@ -40,9 +40,10 @@ def _derive(args: argparse.Namespace) -> int:
     from draftsmith.models import load_model, save_drafter
 
     target = load_model(args.target)
-    drafter = build_drafter(target, f"derived:{args.layers}", args.draft_vocab)
+    drafter = build_drafter(target, f"{'feature' if args.feature else 'derived'}:{args.layers}", args.draft_vocab)
     path = save_drafter(drafter, args.out, tokenizer=target.tokenizer)
-    print(f"Saved a {drafter.num_layers}-layer drafter derived from {target.model_id} to {path}")
+    kind = "feature drafter" if args.feature else "drafter"
+    print(f"Saved a {drafter.num_layers}-layer {kind} derived from {target.model_id} to {path}")
     return 0
 
 
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     derive.add_argument("--target", default="smollm2-135m-instruct")
     derive.add_argument("--layers", default="first2+last1")
     derive.add_argument("--draft-vocab", type=int, default=0)
+    derive.add_argument("--feature", action="store_true", help="an EAGLE-style drafter that reads the target's features")
     derive.add_argument("--out", required=True)
     derive.set_defaults(func=_derive)
     from draftsmith.registry import add_registry_cli

@@ -9,7 +9,12 @@ target logits recomputed on the same batch when `full_teacher_logits` is set) th
 the target's top-1 (as OSD does), and takes an optimizer step (`train_step`). Layer-parallel-aware
 training (`layer_parallel_groups`: a group size > 1 or the serving plan's group sizes) adds the
 drafter's grouped forward (EasySpec's approximation, `layer_parallel.training_forward`) to the same
-step and averages both losses. Pure torch.
+step and averages both losses. A drafter that reads the target's features (EAGLE-style, models.py)
+trains on the target's final-normed hidden states of the same batch (`teacher_features`, or features
+the caller cached): its position t reads (feature t, token t + 1) and is trained to predict the
+target's token t + 2 (the divergence above) and the target's feature t + 1 (a smooth-L1 regression,
+weighted by `feature_loss_weight`), because serving feeds its drafted feature back for the next draft.
+Pure torch.
 
 What it does not do: read the traffic log (pipelines/), distribute training, checkpoint, or log to
 MLflow (jobs/distill.py does, with Ray Train), or save drafters (models.save_drafter).
@@ -61,6 +66,11 @@ class DistillConfig:
     # (layer_parallel.training_forward), averaged. A group size (> 1), or the serving plan's explicit
     # group sizes (e.g. (1, 2, 2, 2, 1)); None, 1 or all-ones: sequential only.
     layer_parallel_groups: int | tuple[int, ...] | None = None
+    # A feature-reading drafter's regression of the target's next feature, beside the token divergence.
+    feature_loss_weight: float = 1.0
+    # Its training loops keep each record's target features (float16) up to this many GB per worker,
+    # so later epochs skip the target's forward (TargetFeatureCache); 0 recomputes every time.
+    feature_cache_gb: float = 2.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -70,6 +80,9 @@ class DistillConfig:
             raise ValueError(f"jsd_beta must be in (0, 1), got {self.jsd_beta}")
         if self.wrong_weight <= 0 or self.lr <= 0 or self.batch_size < 1 or self.max_seq_len < 2:
             raise ValueError("wrong_weight and lr must be > 0, batch_size >= 1, max_seq_len >= 2")
+        if self.feature_loss_weight < 0 or self.feature_cache_gb < 0:
+            raise ValueError(f"feature_loss_weight and feature_cache_gb must be >= 0, got {self.feature_loss_weight} "
+                             f"and {self.feature_cache_gb}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1 (or None for epochs), got {self.steps}")
         groups = self.layer_parallel_groups
@@ -156,6 +169,11 @@ class DistillStudent(nn.Module):
         self.model = drafter.model
         self.meta = dict(drafter.meta)
         self.layer_parallel_plan = None  # the grouped forward's plan when layer-parallel-aware
+        # [H, 2H]: the input map of a drafter that reads the target's features (always trained)
+        self.feature_fc = None if drafter.feature_fc is None else nn.Parameter(drafter.feature_fc.detach().clone())
+        if layer_parallel_groups and self.feature_fc is not None:
+            raise ValueError("a feature-reading drafter drafts from the target's features, not under a layer-parallel "
+                             "plan: leave layer_parallel_groups unset")
         if layer_parallel_groups:
             from draftsmith.layer_parallel import as_plan
 
@@ -198,8 +216,18 @@ class DistillStudent(nn.Module):
             return self.model.model.norm(hidden)
         return self.model.model(input_ids=input_ids, use_cache=False).last_hidden_state
 
-    def forward(self, input_ids: torch.Tensor, pred_positions: torch.Tensor) -> torch.Tensor:
+    @property
+    def reads_target_features(self) -> bool:
+        return self.feature_fc is not None
+
+    def forward(self, input_ids: torch.Tensor, pred_positions: torch.Tensor,
+                target_features: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """input_ids [B, L], pred_positions [B, T] -> student logits [B, T, V_draft].
+
+        A feature-reading drafter also takes the target's features [B, L, H] of input_ids and returns
+        (logits [B, T, V_draft], its drafted features [B, L - 1, H]): position t reads (feature t, token
+        t + 1) and drafts feature t + 1, so the logits for pred_position q come from position q - 1 (a
+        pred_position of 0 has none: `distill_loss` masks it).
 
         Layer-parallel-aware (a plan with a group of several layers): logits [2B, T, V_draft], the sequential
         forward's rows first, then the layer-parallel forward's. Serving drafts the first token of each
@@ -209,6 +237,8 @@ class DistillStudent(nn.Module):
         if input_ids.dim() != 2 or pred_positions.dim() != 2 or input_ids.shape[0] != pred_positions.shape[0]:
             raise ValueError(f"input_ids [B, L] and pred_positions [B, T] expected, got "
                              f"{tuple(input_ids.shape)} and {tuple(pred_positions.shape)}")
+        if self.reads_target_features:
+            return self._feature_forward(input_ids, pred_positions, target_features)
         hidden = self.hidden_states(input_ids)  # [B, L, H]
         if self.layer_parallel_aware:
             hidden = torch.cat([hidden, self.hidden_states(input_ids, layer_parallel=True)])
@@ -218,6 +248,18 @@ class DistillStudent(nn.Module):
         weight = self.head if self.head is not None else self.model.get_output_embeddings().weight
         return picked @ weight.to(picked.dtype).T
 
+    def _feature_forward(self, input_ids, pred_positions, target_features):
+        if target_features is None or target_features.shape[:2] != input_ids.shape:
+            raise ValueError("a feature-reading drafter needs the target's features [B, L, H] of input_ids "
+                             f"(teacher_features), got {None if target_features is None else tuple(target_features.shape)}")
+        embeds = self.model.get_input_embeddings()(input_ids[:, 1:])
+        inputs = torch.cat([embeds, target_features[:, :-1].to(embeds.dtype)], dim=-1) @ self.feature_fc.T
+        drafted = self.model.model(inputs_embeds=inputs, use_cache=False).last_hidden_state  # [B, L - 1, H]
+        at = (pred_positions - 1).clamp(min=0)
+        picked = drafted.gather(1, at[..., None].expand(-1, -1, drafted.shape[-1]))  # [B, T, H]
+        weight = self.head if self.head is not None else self.model.get_output_embeddings().weight
+        return picked @ weight.to(picked.dtype).T, drafted
+
     @property
     def layer_parallel_aware(self) -> bool:
         return self.layer_parallel_plan is not None
@@ -226,7 +268,9 @@ class DistillStudent(nn.Module):
         """The trained drafter (shares tensors with this module; detach before further training)."""
         head = None if self.head is None else self.head.detach().clone()
         ids = None if self.head_token_ids is None else self.head_token_ids.clone()
-        return Drafter(self.model, dict(self.meta), head_token_ids=ids, head_weight=head, version=version)
+        fc = None if self.feature_fc is None else self.feature_fc.detach().clone()
+        return Drafter(self.model, dict(self.meta), head_token_ids=ids, head_weight=head, version=version,
+                       feature_fc=fc)
 
 
 def _unwrap(student: nn.Module) -> DistillStudent:
@@ -238,28 +282,102 @@ def _unwrap(student: nn.Module) -> DistillStudent:
     return inner
 
 
-def student_logits(student: nn.Module | Drafter, batch: DistillBatch) -> torch.Tensor:
+def student_logits(student: nn.Module | Drafter, batch: DistillBatch,
+                   target_features: torch.Tensor | None = None) -> torch.Tensor:
     """Student logits [B, T, V_draft] at the batch's predicting positions (a Drafter is wrapped first)."""
     if isinstance(student, Drafter):
         student = DistillStudent(student, train_head=False)
+    if _unwrap(student).reads_target_features:
+        return student(batch.input_ids, batch.pred_positions, target_features)[0]
     return student(batch.input_ids, batch.pred_positions)
 
 
 @torch.no_grad()
-def teacher_logits(target_model: nn.Module, batch: DistillBatch) -> torch.Tensor:
-    """The target's full logits [B, T, V] at the batch's predicting positions (no grad)."""
-    hidden = target_model.model(input_ids=batch.input_ids, use_cache=False).last_hidden_state
+def teacher_features(target_model: nn.Module, batch: DistillBatch) -> torch.Tensor:
+    """The target's final-normed hidden states [B, L, H] of the batch's input_ids (no grad)."""
+    return target_model.model(input_ids=batch.input_ids, use_cache=False).last_hidden_state
+
+
+@torch.no_grad()
+def teacher_logits(target_model: nn.Module, batch: DistillBatch, features: torch.Tensor | None = None) -> torch.Tensor:
+    """The target's full logits [B, T, V] at the batch's predicting positions (no grad), from its
+    `features` when given (teacher_features)."""
+    hidden = teacher_features(target_model, batch) if features is None else features
     picked = hidden.gather(1, batch.pred_positions[..., None].expand(-1, -1, hidden.shape[-1]))
-    return target_model.get_output_embeddings()(picked)
+    return target_model.get_output_embeddings()(picked.to(target_model.dtype))
+
+
+class TargetFeatureCache:
+    """The target's features of each training record, computed by one teacher-forced target forward the
+    first time the record is batched and kept (float16, on the CPU) while they fit in `max_bytes`.
+
+    Why: a feature-reading drafter is a layer or two, so the target's forward over a batch costs several
+    times its training step; it trains for many epochs on the same records. A record's features depend
+    only on its own tokens (causal attention, right padding), so they are keyed by the record's index
+    in the training data and reused in any later batch.
+    """
+
+    def __init__(self, target_model: nn.Module, max_bytes: float):
+        self.target_model = target_model
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.computed = 0  # rows that needed the target's forward
+        self._store: dict = {}
+
+    def features(self, keys: Sequence, batch: DistillBatch) -> torch.Tensor:
+        """[B, L, H] target features of the batch's input_ids; `keys[i]` names batch row i's record."""
+        b, length = batch.input_ids.shape
+        lengths = ((batch.pred_positions * batch.mask).amax(1) + 1).tolist()  # real input length per row
+        out = torch.zeros(b, length, self.target_model.config.hidden_size, dtype=self.target_model.dtype,
+                          device=batch.input_ids.device)
+        missing = [i for i, key in enumerate(keys) if key not in self._store]
+        fresh_rows = set(missing)
+        if missing:
+            width = max(lengths[i] for i in missing)
+            sub = dataclasses.replace(batch, input_ids=batch.input_ids[missing, :width])
+            fresh = teacher_features(self.target_model, sub)
+            self.computed += len(missing)
+            for j, i in enumerate(missing):
+                out[i, : lengths[i]] = fresh[j, : lengths[i]]
+                kept = fresh[j, : lengths[i]].to("cpu", torch.float16)
+                size = kept.numel() * kept.element_size()
+                if self.bytes + size <= self.max_bytes:
+                    self._store[keys[i]] = kept
+                    self.bytes += size
+        for i, key in enumerate(keys):
+            if i not in fresh_rows:
+                out[i, : lengths[i]] = self._store[key].to(out.device, out.dtype)
+        return out
 
 
 def distill_loss(student: nn.Module, batch: DistillBatch, config: DistillConfig, *,
-                 target_model: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """The weighted divergence over real output positions, and stats (loss, top-1 match, tokens)."""
+                 target_model: nn.Module | None = None,
+                 target_features: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The weighted divergence over real output positions, and stats (loss, top-1 match, tokens).
+
+    A feature-reading drafter adds `feature_loss_weight` x its feature regression (stat `feature_loss`);
+    its target features come from `target_features` [B, L, H] (a caller's cache) or from `target_model`.
+    """
     inner = _unwrap(student)
-    logits = student(batch.input_ids, batch.pred_positions)  # [B, T, V_draft] ([2B, ...]: layer-parallel-aware)
+    feature_loss = None
+    mask = batch.mask
+    if inner.reads_target_features:
+        if target_features is None:
+            if target_model is None:
+                raise ValueError("a feature-reading drafter trains on the target's features: pass target_model= "
+                                 "(or target_features=)")
+            target_features = teacher_features(target_model, batch)
+        logits, drafted = student(batch.input_ids, batch.pred_positions, target_features)
+        # Position t drafts feature t + 1 for every t + 1 inside the record (padding ends where its last
+        # predicting position does); a first output token predicted at position 0 has no drafting position.
+        last = (batch.pred_positions * batch.mask).amax(1)  # [B]
+        inside = torch.arange(drafted.shape[1], device=drafted.device)[None] < last[:, None]  # [B, L - 1]
+        feature_loss = nn.functional.smooth_l1_loss(drafted[inside], target_features[:, 1:][inside].to(drafted.dtype))
+        mask = batch.mask & (batch.pred_positions >= 1)
+    else:
+        logits = student(batch.input_ids, batch.pred_positions)  # [B, T, V_draft] ([2B, ...]: layer-parallel-aware)
     copies = logits.shape[0] // batch.input_ids.shape[0]  # the sequential and layer-parallel rows share targets
-    mask = batch.mask.repeat(copies, 1)
+    mask = mask.repeat(copies, 1)
     flat = logits[mask]  # [N, V_draft]
     top_ids = batch.topk_ids.repeat(copies, 1, 1)[mask]  # [N, k]
     top_logprobs = batch.topk_logprobs.repeat(copies, 1, 1)[mask]  # [N, k]
@@ -269,7 +387,7 @@ def distill_loss(student: nn.Module, batch: DistillBatch, config: DistillConfig,
     if config.full_teacher_logits:
         if target_model is None:
             raise ValueError("full_teacher_logits needs the target model: pass target_model=")
-        full = teacher_logits(target_model, batch).repeat(copies, 1, 1)[mask].float()  # [N, V]
+        full = teacher_logits(target_model, batch, target_features).repeat(copies, 1, 1)[mask].float()  # [N, V]
         teacher_kwargs = {"teacher_logits": full}
         teacher_top1 = full.argmax(-1)
     with torch.no_grad():
@@ -281,8 +399,12 @@ def distill_loss(student: nn.Module, batch: DistillBatch, config: DistillConfig,
         weights = losses.mismatch_weights(student_top1, teacher_top1, config.wrong_weight)
     loss = losses.distill_loss(flat, student_token_ids=vocab_ids, weights=weights, divergence=config.loss,
                                beta=config.jsd_beta, **teacher_kwargs)
+    if feature_loss is not None:
+        loss = loss + config.feature_loss_weight * feature_loss
     stats = {"loss": float(loss.detach()), "top1_match": float(match.mean()) if match.numel() else 0.0,
              "tokens": float(batch.mask.sum())}
+    if feature_loss is not None:
+        stats["feature_loss"] = float(feature_loss.detach())
     if copies == 2:  # the layer-parallel forward's own agreement (the rows after the sequential ones)
         stats["top1_match_layer_parallel"] = float(match[int(batch.mask.sum()):].mean()) if match.numel() else 0.0
     return loss, stats
@@ -297,11 +419,11 @@ def make_optimizer(student: nn.Module, config: DistillConfig) -> torch.optim.Opt
 
 
 def train_step(student: nn.Module, optimizer: torch.optim.Optimizer, batch: DistillBatch, config: DistillConfig,
-               *, target_model: nn.Module | None = None) -> dict[str, float]:
+               *, target_model: nn.Module | None = None, target_features: torch.Tensor | None = None) -> dict[str, float]:
     """One optimizer step on one batch (plain torch or DDP); returns the loss stats and grad norm."""
     student.train()
     optimizer.zero_grad(set_to_none=True)
-    loss, stats = distill_loss(student, batch, config, target_model=target_model)
+    loss, stats = distill_loss(student, batch, config, target_model=target_model, target_features=target_features)
     loss.backward()
     if config.grad_clip:
         stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(trainable_parameters(student), config.grad_clip))

@@ -12,6 +12,10 @@ and attends to every key at a position <= the query's. Positions past a slot's l
 values from a rejected draft: they are never read before being overwritten, because every forward
 writes positions length..length+S-1 before its queries read them.
 
+Features: `forward(..., return_features=True)` also returns the final-normed hidden states of every
+position (what an EAGLE-style drafter reads from the target); a runner built with `feature_fc` is
+such a drafter: its first layer's input is `feature_fc @ [embedding, features]` (see models.py).
+
 This module knows nothing about drafting, sampling or requests (specdec.py does).
 """
 
@@ -75,7 +79,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class CausalLMRunner:
     """Forward passes of a Llama-family model over a KVCache; `head_*` selects a trimmed vocabulary head."""
 
-    def __init__(self, hf_model, *, head_token_ids: torch.Tensor | None = None, head_weight: torch.Tensor | None = None):
+    def __init__(self, hf_model, *, head_token_ids: torch.Tensor | None = None, head_weight: torch.Tensor | None = None,
+                 feature_fc: torch.Tensor | None = None):
         config = hf_model.config
         base = hf_model.model
         self.config = config
@@ -87,6 +92,7 @@ class CausalLMRunner:
         self.final_norm = base.norm.weight
         self.head_token_ids = head_token_ids
         self.head = head_weight if head_weight is not None else hf_model.get_output_embeddings().weight
+        self.feature_fc = feature_fc  # [D, 2D]: reads the target's features (EAGLE-style drafter)
         self.layers = [self._layer_weights(layer) for layer in base.layers]
         self.inv_freq = base.rotary_emb.inv_freq.float()
         self.rope_scaling = float(getattr(base.rotary_emb, "attention_scaling", 1.0))
@@ -178,27 +184,39 @@ class CausalLMRunner:
         return h + self.mlp(lw, h)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: slice, *,
-                logits_at: torch.Tensor | None = None, exact: bool = False) -> torch.Tensor:
+                logits_at: torch.Tensor | None = None, exact: bool = False, features: torch.Tensor | None = None,
+                return_features: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Run input_ids [B, S] at positions [B, S] on cache slots `rows`; write their KV entries.
 
         Returns logits [B, S, V] (or [B, 1, V] at the per-row index `logits_at` [B]); V is the trimmed
         vocabulary when the runner has a trimmed head. `exact` asks the layer executor (if any) for the
-        sequential forward instead of its approximation (KV calibration).
+        sequential forward instead of its approximation (KV calibration). `features` [B, S, D] is a
+        feature-reading drafter's other input; `return_features` adds the final-normed hidden states of
+        every position, [B, S, D]: (logits, features).
         """
         if input_ids.shape != positions.shape or input_ids.dim() != 2:
             raise ValueError(f"input_ids {tuple(input_ids.shape)} and positions {tuple(positions.shape)} must be [B, S]")
-        h = self.hidden_states(input_ids, positions, cache, rows, exact=exact)
+        h = self.hidden_states(input_ids, positions, cache, rows, exact=exact, features=features)
+        if return_features:
+            normed = rms_norm(h, self.final_norm, self.eps)
+            picked = normed if logits_at is None else normed[torch.arange(h.shape[0], device=h.device), logits_at][:, None]
+            return F.linear(picked, self.head), normed
         if logits_at is not None:
             h = h[torch.arange(h.shape[0], device=h.device), logits_at][:, None]
         return self.logits(h)
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: slice, *,
-                      exact: bool = False) -> torch.Tensor:
-        """Embeddings through the decoder stack; [B, S, D] before the final norm."""
+                      exact: bool = False, features: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings (with `features` through `feature_fc` for a feature-reading drafter) through the decoder
+        stack; [B, S, D] before the final norm."""
         key_len = int(positions.max()) + 1
         cos, sin = self.rope(positions)
         ctx = ForwardContext(cache, rows, positions, cos, sin, self.attention_mask(positions, key_len))
         h = F.embedding(input_ids, self.embed)
+        if (self.feature_fc is None) != (features is None):
+            raise ValueError("a feature-reading drafter needs features=, any other model takes none")
+        if features is not None:
+            h = F.linear(torch.cat([h, features.to(h.dtype)], dim=-1), self.feature_fc)
         if self.layer_executor is not None:
             return self.layer_executor(self, h, ctx, exact=exact)
         for index in range(self.num_layers):

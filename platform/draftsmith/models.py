@@ -7,8 +7,13 @@ tens of seconds and loading safetensors takes one.
 
 A drafter is either any causal LM sharing the target's tokenizer, or derived from the target: a subset
 of its decoder layers with copies of its embeddings and final norm, and optionally a trimmed vocabulary
-head (VocabTrim: propose only the N most frequent tokens, mapped back to full ids). Drafters are saved
-as ordinary HF directories (see notes/CONTRACTS.md) so MLflow can version them and Serve can load them.
+head (VocabTrim: propose only the N most frequent tokens, mapped back to full ids). A derived drafter
+can also read the target's features (EAGLE-style, `feature:<layers>`): its first layer's input is a
+linear map of [token embedding, the target's final hidden state at the previous position] instead of
+the embedding alone, so it extrapolates the target's own computation instead of redoing it; one layer
+then drafts at a few percent of a target step. Drafters are saved as ordinary HF directories (plus
+`draftsmith_drafter.json`, a trimmed head's `draft_head.safetensors`, a feature drafter's
+`feature_fc.safetensors`) so MLflow can version them and Serve can load them.
 
 This module does not run models (llama.py and specdec.py do) nor train them (jobs/distill).
 """
@@ -34,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 DRAFTER_META_FILE = "draftsmith_drafter.json"
 DRAFT_HEAD_FILE = "draft_head.safetensors"
+FEATURE_FC_FILE = "feature_fc.safetensors"
+DERIVATION_PREFIXES = ("derived:", "feature:")  # drafter specs derived from the target (derive_from_spec)
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 EMBEDDED_TARGET = "smollm2-135m-instruct"
 
@@ -88,10 +95,17 @@ class Drafter:
     head_token_ids: torch.Tensor | None = None  # [N] full-vocabulary ids of the trimmed head's rows
     head_weight: torch.Tensor | None = None  # [N, hidden]
     version: str = "local"
+    # [hidden, 2 * hidden]: set when the drafter reads the target's features (EAGLE-style); its first
+    # layer's input is feature_fc @ [embedding of token t + 1, target feature at t].
+    feature_fc: torch.Tensor | None = None
 
     @property
     def num_layers(self) -> int:
         return self.model.config.num_hidden_layers
+
+    @property
+    def reads_target_features(self) -> bool:
+        return self.feature_fc is not None
 
 
 def cache_root() -> Path:
@@ -274,9 +288,16 @@ def frequent_token_ids(token_id_lists, size: int, *, always: Sequence[int] = ())
 
 
 def derive_drafter(
-    target: LoadedModel, layers: Sequence[int] | str, *, draft_vocab_ids: torch.Tensor | None = None
+    target: LoadedModel, layers: Sequence[int] | str, *, draft_vocab_ids: torch.Tensor | None = None,
+    reads_target_features: bool = False,
 ) -> Drafter:
-    """A drafter made of a subset of the target's layers, its embeddings and final norm, optionally a trimmed head."""
+    """A drafter made of a subset of the target's layers, its embeddings and final norm, optionally a trimmed head.
+
+    `reads_target_features`: an EAGLE-style drafter (see the module docstring). Its input map starts as
+    embedding + feature (the two identity blocks), so the copied layers first see the target's last
+    hidden state plus the next token's embedding; distillation (draftsmith.distill) trains the map, the layers
+    and the head to predict the target's next feature and token.
+    """
     config = target.model.config
     layers = parse_layer_spec(layers, config.num_hidden_layers)
     drafter_config = type(config).from_dict({**config.to_dict(), "num_hidden_layers": len(layers)})
@@ -303,9 +324,23 @@ def derive_drafter(
         "parent_version": None,
     }
     drafter = Drafter(model, meta, version="derived")
+    if reads_target_features:
+        hidden = config.hidden_size
+        drafter.feature_fc = torch.cat([torch.eye(hidden), torch.eye(hidden)], dim=1).to(
+            dtype=model.dtype, device=next(model.parameters()).device)
+        meta["kind"] = "feature"
     if draft_vocab_ids is not None:
         set_trimmed_head(drafter, draft_vocab_ids)
     return drafter
+
+
+def derive_from_spec(target: LoadedModel, spec: str, *, draft_vocab_ids: torch.Tensor | None = None) -> Drafter:
+    """`derived:<layers>` (a drafter cut from the target) or `feature:<layers>` (the same, reading the
+    target's features), e.g. `derived:first2+last1`, `feature:last1`, `derived:0,1,29`."""
+    prefix, _, layers = spec.partition(":")
+    if f"{prefix}:" not in DERIVATION_PREFIXES or not layers:
+        raise ValueError(f"drafter spec {spec!r}: expected derived:<layers> or feature:<layers> (e.g. feature:last1)")
+    return derive_drafter(target, layers, draft_vocab_ids=draft_vocab_ids, reads_target_features=prefix == "feature")
 
 
 def set_trimmed_head(drafter: Drafter, token_ids: torch.Tensor) -> None:
@@ -318,7 +353,8 @@ def set_trimmed_head(drafter: Drafter, token_ids: torch.Tensor) -> None:
 
 
 def save_drafter(drafter: Drafter, out_dir: Path, tokenizer=None) -> Path:
-    """Write the drafter as an HF directory (+ draftsmith_drafter.json, + draft_head.safetensors if trimmed)."""
+    """Write the drafter as an HF directory (+ draftsmith_drafter.json, + draft_head.safetensors if trimmed,
+    + feature_fc.safetensors if it reads the target's features)."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -331,6 +367,8 @@ def save_drafter(drafter: Drafter, out_dir: Path, tokenizer=None) -> Path:
             {"weight": drafter.head_weight.contiguous().cpu(), "token_ids": drafter.head_token_ids.cpu()},
             str(out_dir / DRAFT_HEAD_FILE),
         )
+    if drafter.feature_fc is not None:
+        save_file({"weight": drafter.feature_fc.contiguous().cpu()}, str(out_dir / FEATURE_FC_FILE))
     (out_dir / DRAFTER_META_FILE).write_text(json.dumps(drafter.meta, indent=2))
     return out_dir
 
@@ -377,4 +415,13 @@ def load_drafter(path: Path | str, target: LoadedModel, *, version: str = "local
             raise ModelLoadError(f"{path / DRAFT_HEAD_FILE}: head width {head['weight'].shape[1]} != hidden size.")
         drafter.head_token_ids = head["token_ids"].to(device=device, dtype=torch.long)
         drafter.head_weight = head["weight"].to(device=device, dtype=dtype)
+    if (path / FEATURE_FC_FILE).exists():
+        fc = load_file(str(path / FEATURE_FC_FILE))["weight"]
+        hidden = target.model.config.hidden_size
+        # Its drafted features feed its next step in place of the target's: all widths are the target's.
+        if tuple(fc.shape) != (hidden, 2 * hidden) or model.config.hidden_size != hidden:
+            raise ModelLoadError(f"{path / FEATURE_FC_FILE}: shape {tuple(fc.shape)} with hidden size "
+                                 f"{model.config.hidden_size}; this target's features need ({hidden}, {2 * hidden}) "
+                                 f"and hidden size {hidden}.")
+        drafter.feature_fc = fc.to(device=device, dtype=dtype)
     return drafter

@@ -12,7 +12,7 @@ or start a server (``draftsmith.mlflow_server``).
 
 Storage choice. A version is a run whose artifacts hold the drafter directory
 as-is under ``drafter/`` (config.json, model.safetensors, tokenizer files,
-draftsmith_drafter.json, draft_head.safetensors), registered with
+draftsmith_drafter.json, draft_head.safetensors, feature_fc.safetensors), registered with
 ``create_model_version(name, source="runs:/<run>/drafter", run_id=run)``. Not
 ``mlflow.transformers.log_model``: that needs the fluent (global) active-run
 state and stores an MLflow-model layout (MLmodel + components) rather than the

@@ -5,12 +5,18 @@ are admitted into free slots (prefilled by the target, which also emits the firs
 `step()` drafts up to gamma tokens per sequence, verifies all of them in one target forward, accepts
 per sequence (ragged: each sequence advances by its own accepted length) and rolls both caches back
 by resetting lengths. `num_speculative_tokens=0` runs the same code as plain autoregressive decoding.
+Every target forward also stores the target's final-normed hidden state per position (`target_features`,
+a slot store beside the KV cache with the same lengths): an EAGLE-style drafter (`feature_fc`) drafts
+from them instead of from tokens alone.
 
 Invariants per sequence (tokens = prompt + output so far):
 - the target cache holds every token but the last (`target_len == len(tokens) - 1`);
 - the drafter cache holds a prefix (`drafter_len <= len(tokens) - 1`); the tokens it lacks are fed
   at the start of the next draft (after a fully accepted step the last draft token is missing, after
-  admission or a drafter swap the whole sequence is).
+  admission or a drafter swap the whole sequence is);
+- a feature-reading drafter's position p reads (target feature at p, token p + 1), so it can be exact
+  only up to position len(tokens) - 2, whose output drafts the first token; its later positions read
+  its own drafted features and are recomputed from the target's after verification.
 
 Not here: sampling math (sampling.py), model loading (models.py), HTTP/Ray (serve/), timing of whole
 benchmarks (bench_decode.py).
@@ -156,6 +162,10 @@ class SpecEngine:
         self.decode = decode
         self.max_len = min(config.max_model_len, getattr(target.config, "max_position_embeddings", config.max_model_len))
         self.target_cache: KVCache = target.new_cache(config.max_batch_size, self.max_len)
+        # Valid, per slot, exactly where the target cache is (positions < target_len): one hidden state per
+        # token is ~1/(2 * layers) of the KV cache, so it is kept for any drafter a swap may bring.
+        self.target_features = torch.zeros(config.max_batch_size, self.max_len, target.embed.shape[1],
+                                           dtype=target.dtype, device=target.device)
         self.drafter: CausalLMRunner | None = None
         self.drafter_cache: KVCache | None = None
         self.drafter_version = "none"
@@ -171,6 +181,10 @@ class SpecEngine:
         """Switch drafters between steps; running sequences re-feed their tokens to the new drafter."""
         if drafter is not None and drafter.embed.shape[0] != self.target.embed.shape[0]:
             raise ValueError(f"drafter embeds {drafter.embed.shape[0]} tokens, target {self.target.embed.shape[0]}")
+        hidden = self.target.embed.shape[1]
+        if drafter is not None and drafter.feature_fc is not None and tuple(drafter.feature_fc.shape) != (hidden, 2 * hidden):
+            raise ValueError(f"drafter reads features through a {tuple(drafter.feature_fc.shape)} map, the target's "
+                             f"features need ({hidden}, {2 * hidden})")
         self.drafter = drafter
         self.drafter_version = version if drafter is not None else "none"
         self.drafter_cache = drafter.new_cache(self.config.max_batch_size, self.max_len) if drafter else None
@@ -304,7 +318,9 @@ class SpecEngine:
         ids = ids.to(self.target.device)
         positions = torch.arange(width, device=self.target.device)[None].expand(len(seqs), width)
         last = torch.tensor(lengths, device=self.target.device) - 1
-        logits = self.target.forward(ids, positions, self.target_cache, rows, logits_at=last)  # [B, 1, V]
+        logits, features = self.target.forward(ids, positions, self.target_cache, rows, logits_at=last,
+                                               return_features=True)  # [B, 1, V], [B, width, D]
+        self.target_features[rows, :width] = features  # padding past a row's length is never read before rewritten
         tokens = self._sample_target(seqs, logits)
         topk = self._topk(logits)
         self._sync()
@@ -348,7 +364,10 @@ class SpecEngine:
         last = torch.tensor([s.tokens[-1] for s in seqs], device=device)
         verify_ids = torch.cat([last[:, None], draft_tokens], dim=1)  # [B, gamma + 1]
         positions = base[:, None] + torch.arange(gamma + 1, device=device)[None]
-        logits = self.target.forward(verify_ids, positions, self.target_cache, rows)  # [B, gamma + 1, V]
+        logits, features = self.target.forward(verify_ids, positions, self.target_cache, rows,
+                                               return_features=True)  # [B, gamma + 1, V], [B, gamma + 1, D]
+        slots = torch.arange(rows.start, rows.stop, device=device)
+        self.target_features[slots[:, None], positions] = features
         gammas = torch.tensor(gammas_list, device=device)
         if greedy:
             verdict = verify_greedy(draft_tokens, logits, gammas)
@@ -383,21 +402,38 @@ class SpecEngine:
         return max(0, min(seq.gamma, remaining - 1, self.max_len - len(seq.tokens) - 1))
 
     def _draft(self, seqs: list[_Sequence], rows: slice, gamma: int, sampling):
-        """Draft `gamma` tokens per row; returns tokens [B, gamma] and (when sampling) their probs [B, gamma, V]."""
+        """Draft `gamma` tokens per row; returns tokens [B, gamma] and (when sampling) their probs [B, gamma, V].
+
+        A feature-reading drafter's position p reads (target feature at p, token p + 1): the first forward
+        feeds its exact positions up to len(tokens) - 2, whose output drafts the first token; each later
+        draft reads the feature the drafter itself drafted, and those positions are rewritten from the
+        target's verified features at the next step (drafter_len stops before them).
+        """
         drafter, cache, device = self.drafter, self.drafter_cache, self.target.device
+        reads_features = drafter.feature_fc is not None
         # A layer-parallel drafter's cache is exact only up to drafter_len: the first forward recomputes every
         # later token sequentially (KV calibration, see layer_parallel.py), the other draft forwards are fuzzy.
         calibrate = getattr(drafter.layer_executor, "approximate", False)
-        max_lag = min(gamma, min(len(s.tokens) for s in seqs) - 1) if calibrate else 1
+        shortest = min(len(s.tokens) for s in seqs)
+        if reads_features:  # after a fully accepted step a row lacks gamma + 1 positions
+            max_lag = min(gamma + 1, shortest - 2)
+        else:
+            max_lag = min(gamma, shortest - 1) if calibrate else 1
         self._catch_up_drafter(seqs, rows, max_lag=max_lag)
-        # Every row now lacks at most max_lag + 1 tokens; feed a window of the last `width` tokens (re-feeding an
-        # already cached token rewrites its KV entry with the same values, which keeps the batch rectangular).
-        width = max(len(s.tokens) - s.drafter_len for s in seqs)
+        # Every row now lacks at most max_lag (+ 1) positions; feed a window of the last `width` for every row
+        # (re-feeding an already cached position rewrites its KV entry with the same values, which keeps the batch
+        # rectangular; the window starts at position >= 0 in every row).
+        width = max(1, max(len(s.tokens) - reads_features - s.drafter_len for s in seqs))
         ids = torch.tensor([s.tokens[-width:] for s in seqs], device=device)
-        ends = torch.tensor([len(s.tokens) for s in seqs], device=device)
+        ends = torch.tensor([len(s.tokens) - reads_features for s in seqs], device=device)  # first drafted position
         positions = ends[:, None] - width + torch.arange(width, device=device)[None]
+        feature = None
+        if reads_features:
+            feature = self.target_features[torch.arange(rows.start, rows.stop, device=device)[:, None], positions]
         logits = drafter.forward(ids, positions, cache, rows, logits_at=torch.full((len(seqs),), width - 1, device=device),
-                                 exact=calibrate)
+                                 exact=calibrate, features=feature, return_features=reads_features)
+        if reads_features:
+            logits, feature = logits[0], logits[1][:, -1:]
         tokens, probs = [], []
         uniforms = None if sampling is None else self._uniforms(seqs, gamma)
         for i in range(gamma):
@@ -405,9 +441,15 @@ class SpecEngine:
             tokens.append(token)
             probs.append(prob)
             if i < gamma - 1:
-                logits = drafter.forward(token[:, None], (ends + i)[:, None], cache, rows)
-        for s in seqs:
-            s.drafter_len = len(s.tokens) if calibrate else len(s.tokens) + gamma - 1
+                logits = drafter.forward(token[:, None], (ends + i)[:, None], cache, rows, features=feature,
+                                         return_features=reads_features)
+                if reads_features:
+                    logits, feature = logits
+        for s in seqs:  # drafted positions a feature-reading or calibrated drafter rewrites are not cached
+            if reads_features:
+                s.drafter_len = len(s.tokens) - 1
+            else:
+                s.drafter_len = len(s.tokens) if calibrate else len(s.tokens) + gamma - 1
         draft_probs = None if sampling is None else torch.stack(probs, dim=1)
         return torch.stack(tokens, dim=1), draft_probs
 
@@ -424,22 +466,31 @@ class SpecEngine:
         return sample_from(probs, uniforms), probs
 
     def _catch_up_drafter(self, seqs: list[_Sequence], rows: slice, max_lag: int = 1) -> None:
-        """Feed rows that lack more than max_lag + 1 tokens (admitted, swapped, or after plain AR steps)."""
+        """Feed rows that lack more than max_lag + 1 tokens (admitted, swapped, or after plain AR steps).
+
+        A token drafter's position p reads token p; a feature-reading drafter's reads token p + 1 and the
+        target's feature at p. Either way every row ends with drafter_len = len(tokens) - 1.
+        """
         lag = [len(s.tokens) - 1 - s.drafter_len for s in seqs]
         if max(lag) <= max_lag:
             return
         device = self.target.device
         width = max(lag)
+        reads_features = self.drafter.feature_fc is not None
         ids = torch.zeros(len(seqs), width, dtype=torch.long)
         for i, s in enumerate(seqs):
             if lag[i] > 0:
-                ids[i, : lag[i]] = torch.tensor(s.tokens[s.drafter_len: len(s.tokens) - 1])
+                first = s.drafter_len + reads_features
+                ids[i, : lag[i]] = torch.tensor(s.tokens[first: first + lag[i]])
         starts = torch.tensor([s.drafter_len for s in seqs], device=device)
         positions = starts[:, None] + torch.arange(width, device=device)[None]
         # Rows with a shorter lag write padding past their length: never read before being overwritten.
         # Clamp so that padding never indexes past the cache (real positions stay <= max_len - 2).
         positions = positions.clamp(max=self.max_len - 1)
-        self.drafter.hidden_states(ids.to(device), positions, self.drafter_cache, rows, exact=True)
+        features = None
+        if reads_features:
+            features = self.target_features[torch.arange(rows.start, rows.stop, device=device)[:, None], positions]
+        self.drafter.hidden_states(ids.to(device), positions, self.drafter_cache, rows, exact=True, features=features)
         for s in seqs:
             s.drafter_len = len(s.tokens) - 1
 
@@ -525,6 +576,7 @@ class SpecEngine:
             if index != last:
                 moved = self.active[last]
                 self.target_cache.copy_slot(last, index, moved.target_len)
+                self.target_features[index, : moved.target_len] = self.target_features[last, : moved.target_len]
                 if self.drafter_cache is not None:
                     self.drafter_cache.copy_slot(last, index, moved.drafter_len)
                 self.active[index] = moved
@@ -544,5 +596,6 @@ def _hold_back(text: str, stops: Sequence[str]) -> str:
 def runner_for(model, drafter=None) -> CausalLMRunner:
     """A runner over an HF model, or over a models.Drafter (with its trimmed head if it has one)."""
     if drafter is not None:
-        return CausalLMRunner(drafter.model, head_token_ids=drafter.head_token_ids, head_weight=drafter.head_weight)
+        return CausalLMRunner(drafter.model, head_token_ids=drafter.head_token_ids, head_weight=drafter.head_weight,
+                              feature_fc=drafter.feature_fc)
     return CausalLMRunner(model)

@@ -74,6 +74,26 @@ def test_distillation_raises_heldout_acceptance_and_registers(ray_cluster, mlflo
     assert len(history) >= 4 and history[-1].value < history[0].value
 
 
+def test_feature_drafter_distils_through_the_job(ray_cluster, mlflow_server, traffic, target, tmp_path):
+    """An EAGLE-style drafter (feature:<layers>) through Ray Train DDP: the workers load the target for its
+    features, the challenger keeps its input map, the registry tags its kind, held-out acceptance rises."""
+    cfg = _config(traffic, tmp_path, mlflow_server, drafter="feature:last1", steps=30, model_name="distill-feature",
+                  run_name="feature")
+    heldout = build_distill_dataset(traffic, target_id="tiny", target_revision=target.revision,
+                                    tokenizer_hash=target.tokenizer_hash, heldout_fraction=0.15).heldout
+    prompts = heldout["prompt_token_ids"]
+    before = token_acceptance(target, derive_drafter(target, "last1", reads_target_features=True), prompts)
+    outcome = run_distill(cfg)
+    assert outcome.status == "trained" and outcome.metrics["step"] == 30
+    assert outcome.metrics["feature_loss"] > 0
+    challenger = load_drafter(outcome.drafter_dir, target)
+    assert challenger.reads_target_features
+    after = token_acceptance(target, challenger, prompts)
+    assert after > before + 0.05, (before, after)
+    version = DrafterRegistry(mlflow_server.url, model_name="distill-feature").get_version_by_alias(CHALLENGER)
+    assert version.tags["drafter_kind"] == "feature"
+
+
 def test_deepspeed_zero2_on_cpu_runs_a_few_steps(ray_cluster, traffic, tmp_path):
     # layer-parallel-aware on top: both forwards through the DeepSpeed engine's one forward per step
     cfg = DistillJobConfig(traffic_uri=traffic, target="tiny", drafter="derived:first2", steps=4, lr=3e-3,

@@ -337,3 +337,10 @@ def test_layer_parallel_drafting_is_configurable_per_pair():
                            "engine": {"layer_parallel_group_sizes": [1, 2]}}, start=False)
     assert misfit.drafter_version == "none" and misfit.loop.engine.drafter is None
     assert any("covers 3 layers, the drafter has 2" in reason for reason in misfit.refused.values())
+    # a drafter that reads the target's features serves sequentially, never under a plan
+    feature = SpecPairImpl({"target": "tiny", "drafter": "feature:last1", "traffic": {"enabled": False}}, start=False)
+    assert feature.drafter_version == "feature-last1" and feature.loop.engine.drafter.feature_fc is not None
+    planned = SpecPairImpl({"target": "tiny", "drafter": "feature:last1", "traffic": {"enabled": False},
+                            "engine": {"layer_parallel_group_size": 2}}, start=False)
+    assert planned.loop.engine.drafter is None
+    assert any("drafts sequentially" in reason for reason in planned.refused.values())

@@ -45,3 +45,15 @@ def test_bench_decode_refuses_a_malformed_plan(capsys):
     with pytest.raises(SystemExit):
         bench_decode.main(["--target", "tiny", "--layer-parallel-plan", "1;2"])
     assert "--layer-parallel-plan" in capsys.readouterr().err
+
+
+def test_bench_decode_runs_a_feature_drafter(capsys):
+    """A drafter reading the target's features: the engine paths and transformers' plain generate() run,
+    transformers' assisted generation (which cannot feed it features) is left out, and no plan applies."""
+    assert bench_decode.main(["--target", "tiny", "--drafter", "feature:last1", "--n-prompts", "2",
+                              "--max-new-tokens", "8", "--max-prompt-tokens", "32"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["greedy_mismatches"] == 0 and report["drafter_step_ms"] > 0
+    assert report["hf_generate_tok_s"] and report["hf_assisted_tok_s"] is None
+    with pytest.raises(SystemExit, match="drafts sequentially"):
+        bench_decode.main(["--target", "tiny", "--drafter", "feature:last1", "--layer-parallel", "2"])

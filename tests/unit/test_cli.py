@@ -30,3 +30,13 @@ def test_help_lists_the_commands(capsys):
     out = capsys.readouterr().out
     for command in ("demo", "bench", "serve", "distill", "registry", "drafter"):
         assert command in out
+
+
+def test_drafter_derive_saves_a_feature_drafter(tmp_path, capsys):
+    from draftsmith.models import FEATURE_FC_FILE, load_drafter, load_model
+
+    assert main(["drafter", "derive", "--target", "tiny", "--layers", "last1", "--feature", "--out",
+                 str(tmp_path / "f")]) == 0
+    assert "1-layer feature drafter" in capsys.readouterr().out
+    assert (tmp_path / "f" / FEATURE_FC_FILE).exists()
+    assert load_drafter(tmp_path / "f", load_model("tiny")).reads_target_features

@@ -159,6 +159,70 @@ def test_layer_parallel_aware_training_trains_both_forwards(target, records):
         DistillConfig(layer_parallel_groups=(1, 0))
 
 
+def test_feature_drafter_trains_as_it_serves(target, records):
+    """The feature-reading student's logits are the engine runner's for the same target features; training
+    lowers both losses, trains the input map and raises the engine's acceptance on these prompts."""
+    from draftsmith.distill import teacher_features
+    from draftsmith.evaluation import evaluate_drafters
+    from draftsmith.specdec import runner_for
+
+    drafter = derive_drafter(target, [1], reads_target_features=True)
+    student = DistillStudent(drafter)
+    batch = collate(records[:3])
+    features = teacher_features(target.model, batch)
+    logits = student_logits(student, batch, features)  # [B, T, V]
+    runner = runner_for(None, drafter)
+    b, length = batch.input_ids.shape
+    cache = runner.new_cache(b, length)
+    positions = torch.arange(length - 1)[None].expand(b, -1)
+    served = runner.forward(batch.input_ids[:, 1:], positions, cache, slice(0, b), features=features[:, :-1])
+    expected = served.gather(1, (batch.pred_positions - 1).clamp(min=0)[..., None].expand(-1, -1, served.shape[-1]))
+    assert torch.allclose(logits[batch.mask], expected[batch.mask], atol=1e-3)
+    with pytest.raises(ValueError, match="target_model"):
+        distill_loss(student, batch, DistillConfig())
+    with pytest.raises(ValueError, match="layer-parallel"):
+        DistillStudent(drafter, layer_parallel_groups=2)
+
+    prompts = [r.prompt_token_ids for r in records]
+    def acceptance(d):
+        return evaluate_drafters(target, {"d": d}, prompts, gamma=3, max_new_tokens=24, temperatures=(0.0,),
+                                 measure_autoregressive=False, warmup=False).get("d").token_acceptance
+    before = acceptance(drafter)
+    fc = student.feature_fc.detach().clone()
+    config = DistillConfig(lr=3e-3)
+    opt = make_optimizer(student, config)
+    full = collate(records)
+    history = [train_step(student, opt, full, config, target_model=target.model) for _ in range(25)]
+    assert history[-1]["loss"] < 0.7 * history[0]["loss"]
+    assert history[-1]["feature_loss"] < history[0]["feature_loss"]
+    assert not torch.equal(fc, student.feature_fc.detach())
+    trained = student.to_drafter()
+    after = acceptance(trained)
+    assert trained.reads_target_features and after > before
+
+
+def test_target_feature_cache_reuses_records_within_its_budget(target, records):
+    from draftsmith.distill import TargetFeatureCache, teacher_features
+
+    batch = collate(records[:3])
+    fresh = teacher_features(target.model, batch)
+    cache = TargetFeatureCache(target.model, max_bytes=2**30)
+    first = cache.features(["a", "b", "c"], batch)
+    again = cache.features(["a", "b", "c"], batch)
+    assert cache.computed == 3  # the second call read the cache only
+    lengths = (batch.pred_positions * batch.mask).amax(1) + 1
+    for i, n in enumerate(lengths.tolist()):
+        torch.testing.assert_close(first[i, :n], fresh[i, :n])
+        torch.testing.assert_close(again[i, :n], fresh[i, :n], atol=2e-3, rtol=2e-3)  # kept as float16
+        assert not again[i, n:].any()  # padding stays zero
+    reordered = cache.features(["c", "a"], collate([records[2], records[0]]))
+    torch.testing.assert_close(reordered[1, : lengths[0]], fresh[0, : lengths[0]], atol=2e-3, rtol=2e-3)
+    tiny_budget = TargetFeatureCache(target.model, max_bytes=1)
+    tiny_budget.features(["a"], collate(records[:1]))
+    tiny_budget.features(["a"], collate(records[:1]))
+    assert tiny_budget.computed == 2 and tiny_budget.bytes == 0  # nothing fits: recomputed
+
+
 def test_config_is_validated():
     with pytest.raises(ValueError, match="loss"):
         DistillConfig(loss="mse")

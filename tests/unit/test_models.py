@@ -65,6 +65,25 @@ def test_save_and_load_round_trip_with_trimmed_head(target, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "d").config.num_hidden_layers == 1
 
 
+def test_feature_drafter_round_trip_and_refusal(target, tmp_path):
+    from draftsmith.models import FEATURE_FC_FILE, derive_from_spec
+    from safetensors.torch import save_file
+
+    drafter = derive_from_spec(target, "feature:last1")
+    hidden = target.model.config.hidden_size
+    assert drafter.reads_target_features and drafter.feature_fc.shape == (hidden, 2 * hidden)
+    assert drafter.meta["kind"] == "feature" and drafter.meta["layers"] == [1]
+    assert not derive_from_spec(target, "derived:last1").reads_target_features
+    with pytest.raises(ValueError, match="derived:<layers> or feature:<layers>"):
+        derive_from_spec(target, "eagle:last1")
+    save_drafter(drafter, tmp_path / "f", tokenizer=target.tokenizer)
+    loaded = load_drafter(tmp_path / "f", target)
+    torch.testing.assert_close(loaded.feature_fc, drafter.feature_fc)
+    save_file({"weight": torch.zeros(hidden, hidden)}, str(tmp_path / "f" / FEATURE_FC_FILE))
+    with pytest.raises(ModelLoadError, match=f"{FEATURE_FC_FILE}.*need \\({hidden}, {2 * hidden}\\)"):
+        load_drafter(tmp_path / "f", target)
+
+
 def test_incompatible_tokenizer_is_refused_with_the_difference(target, tmp_path):
     other = build_tiny_tokenizer()
     vocab = other.get_vocab()

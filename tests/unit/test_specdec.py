@@ -23,6 +23,7 @@ def drafters(target):
         "trimmed": runner_for(None, derive_drafter(target, [1], draft_vocab_ids=torch.arange(0, 259, 2))),
         "self": runner_for(target.model),  # perfect drafter: everything accepted
         "bad": runner_for(tiny_model(seed=123).model),  # unrelated random weights
+        "feature": runner_for(None, derive_drafter(target, [1], reads_target_features=True)),  # EAGLE-style
     }
 
 
@@ -36,7 +37,7 @@ def outputs(eng, prompts, **params):
     return results
 
 
-@pytest.mark.parametrize("drafter_name", ["layer0", "trimmed", "self", "bad"])
+@pytest.mark.parametrize("drafter_name", ["layer0", "trimmed", "self", "bad", "feature"])
 @pytest.mark.parametrize("gamma", [1, 3, 6])
 @pytest.mark.parametrize("batch", [1, 4])
 def test_greedy_speculative_equals_autoregressive(target, drafters, drafter_name, gamma, batch):
@@ -160,6 +161,66 @@ def test_drafter_swap_mid_generation_is_lossless(target, drafters):
             break
     assert [results[str(i)].output_token_ids for i in range(3)] == [r.output_token_ids for r in expected]
     assert {r.drafter_version for r in results.values()} == {"v2"}
+
+
+def _reference_feature_drafting(target, drafter, prompt: list[int], output: list[int], gamma: int):
+    """(drafted, accepted) of greedy EAGLE-style drafting recomputed from scratch at every step with the HF
+    modules (no cache): position p reads (the target's normed hidden state at p, token p + 1); each later
+    draft reads the drafter's own output feature."""
+    import torch.nn.functional as F
+
+    tokens = prompt + output
+    with torch.no_grad():
+        target_features = target.model.model(input_ids=torch.tensor([tokens])).last_hidden_state[0]
+    head = drafter.head_weight if drafter.head_weight is not None else drafter.model.get_output_embeddings().weight
+    embed = drafter.model.get_input_embeddings().weight
+    drafted = accepted = 0
+    emitted = 1  # the prefill's token
+    while emitted < len(output):
+        g = min(gamma, len(output) - emitted - 1)
+        n = len(prompt) + emitted
+        ids, features, drafts = list(tokens[1:n]), target_features[: n - 1], []
+        for _ in range(g):
+            with torch.no_grad():
+                x = F.linear(torch.cat([F.embedding(torch.tensor([ids]), embed), features[None]], -1), drafter.feature_fc)
+                h = drafter.model.model(inputs_embeds=x).last_hidden_state[0, -1]
+            choice = int((h @ head.T).argmax())
+            drafts.append(choice if drafter.head_token_ids is None else int(drafter.head_token_ids[choice]))
+            ids.append(drafts[-1])
+            features = torch.cat([features, h[None]])
+        a = 0
+        while a < g and drafts[a] == tokens[n + a]:
+            a += 1
+        drafted, accepted, emitted = drafted + g, accepted + a, emitted + a + 1
+    return drafted, accepted
+
+
+def test_feature_drafter_drafts_what_a_cacheless_reference_drafts(target):
+    """The engine's caches, windows and catch-up for a feature-reading drafter change no draft: its counts
+    per request equal a from-scratch recomputation, at batch 1 and 4, and after a swap to it mid-generation."""
+    drafter = derive_drafter(target, [0, 1], reads_target_features=True, draft_vocab_ids=torch.arange(0, 259, 3))
+    drafter.feature_fc = drafter.feature_fc + 0.3 * torch.randn(drafter.feature_fc.shape,
+                                                               generator=torch.Generator().manual_seed(0))
+    expected = outputs(engine(target, None, 0), PROMPTS, max_tokens=24)
+    reference = [_reference_feature_drafting(target, drafter, PROMPTS[i], r.output_token_ids, 3)
+                 for i, r in enumerate(expected)]
+    assert 0 < sum(a for _, a in reference) < sum(d for d, _ in reference)  # both verdicts occur
+    for batch in (1, 4):
+        got = outputs(engine(target, runner_for(None, drafter), 3, batch), PROMPTS, max_tokens=24)
+        assert [r.output_token_ids for r in got] == [r.output_token_ids for r in expected]
+        assert [(r.stats.drafted, r.stats.accepted) for r in got] == reference
+    eng = engine(target, runner_for(None, derive_drafter(target, [0])), 3)
+    for i, p in enumerate(PROMPTS[:3]):
+        eng.add_request(Request(str(i), p, SamplingParams(max_tokens=20)))
+    results = {}
+    for step in range(100):
+        if step == 2:
+            eng.set_drafter(runner_for(None, drafter), "feature")
+        results.update({out.request_id: out.result for out in eng.step() if out.finished})
+        if not eng.has_work():
+            break
+    assert [results[str(i)].output_token_ids for i in range(3)] == [r.output_token_ids[:20] for r in expected[:3]]
+    assert {r.drafter_version for r in results.values()} == {"feature"}
 
 
 def test_request_validation_messages(target):
