@@ -197,7 +197,7 @@ def _reference_feature_drafting(target, drafter, prompt: list[int], output: list
 
 def test_feature_drafter_drafts_what_a_cacheless_reference_drafts(target):
     """The engine's caches, windows and catch-up for a feature-reading drafter change no draft: its counts
-    per request equal a from-scratch recomputation, at batch 1 and 4, and after a swap to it mid-generation."""
+    per request equal a from-scratch recomputation, at batch 1 and 4; a swap to it mid-generation is lossless."""
     drafter = derive_drafter(target, [0, 1], reads_target_features=True, draft_vocab_ids=torch.arange(0, 259, 3))
     drafter.feature_fc = drafter.feature_fc + 0.3 * torch.randn(drafter.feature_fc.shape,
                                                                generator=torch.Generator().manual_seed(0))
