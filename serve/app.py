@@ -32,6 +32,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from draftsmith.models import DERIVATION_PREFIXES
 from serve.config import ServeAppConfig, parse_app_args
 from serve.logger import TrafficLogger, logging_opted_out
 from serve.protocol import (
@@ -299,7 +300,7 @@ def build_app(args: dict) -> serve.Application:
     cfg = parse_app_args(args)
     if "://" not in cfg.traffic.uri:  # replicas may run elsewhere: pin the path as the builder sees it
         cfg.traffic.uri = os.path.abspath(cfg.traffic.uri)
-    if cfg.drafter and not cfg.drafter.startswith(("derived:", "feature:", "models:/")) and "://" not in cfg.drafter:
+    if cfg.drafter and not cfg.drafter.startswith((*DERIVATION_PREFIXES, "models:/")) and "://" not in cfg.drafter:
         cfg.drafter = os.path.abspath(os.path.expanduser(cfg.drafter))
     config = cfg.model_dump()
     traffic_logger = None

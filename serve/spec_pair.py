@@ -235,11 +235,8 @@ class SpecPairImpl:
         e = self.cfg.engine
         plan = LayerParallelConfig(e.layer_parallel_group_size, tuple(e.layer_parallel_devices),
                                    tuple(e.layer_parallel_group_sizes))
-        if plan.enabled and drafter.reads_target_features:
-            raise ValueError("a drafter that reads the target's features drafts sequentially: unset the engine's "
-                             "layer-parallel plan to serve it")
         if plan.enabled:
-            install(runner, plan)  # a plan that does not fit this drafter raises: the swap is refused
+            install(runner, plan)  # a plan this drafter cannot draft under raises: the swap is refused
         return runner
 
     def _tags(self, version: str | None = None) -> dict[str, str]:

@@ -22,8 +22,8 @@ import time
 import torch
 
 from draftsmith.datasets_io import load_prompt_source
-from draftsmith.layer_parallel import (LayerParallelConfig, measure_layer_parallel, parse_group_sizes,
-                                       split_target)
+from draftsmith.layer_parallel import (LayerParallelConfig, check_drafts_in_layers, measure_layer_parallel,
+                                       parse_group_sizes, split_target)
 from draftsmith.models import (
     DERIVATION_PREFIXES,
     EMBEDDED_TARGET,
@@ -183,12 +183,15 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     target = load_model(args.target, device=args.device)
     drafter = build_drafter(target, args.drafter, args.draft_vocab)
-    if (args.layer_parallel or args.layer_parallel_plan) and drafter.reads_target_features:
-        raise SystemExit("a drafter that reads the target's features drafts sequentially: drop --layer-parallel*")
+    target_runner, drafter_runner = runner_for(target.model), runner_for(None, drafter)
+    if args.layer_parallel or args.layer_parallel_plan:
+        try:  # before the benchmark, not after it
+            check_drafts_in_layers(drafter_runner)
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
     tokenizer = target.tokenizer
     prompts = render_prompts(target, args.prompts, args.n_prompts, args.max_prompt_tokens)
     logger.info("%d prompts, %d-%d tokens", len(prompts), min(map(len, prompts)), max(map(len, prompts)))
-    target_runner, drafter_runner = runner_for(target.model), runner_for(None, drafter)
     pair_devices = [d.strip() for d in args.pair_devices.split(",") if d.strip()]
     if len(pair_devices) > 1:
         if not args.skip_hf:

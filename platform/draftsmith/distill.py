@@ -107,6 +107,11 @@ class DistillBatch:
     def num_tokens(self) -> int:
         return int(self.mask.sum())
 
+    @property
+    def input_lengths(self) -> torch.Tensor:
+        """[B] real (unpadded) length of each row of input_ids: its last predicting position + 1."""
+        return (self.pred_positions * self.mask).amax(1) + 1
+
     def to(self, device: torch.device | str) -> "DistillBatch":
         return DistillBatch(**{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
 
@@ -327,7 +332,7 @@ class TargetFeatureCache:
     def features(self, keys: Sequence, batch: DistillBatch) -> torch.Tensor:
         """[B, L, H] target features of the batch's input_ids; `keys[i]` names batch row i's record."""
         b, length = batch.input_ids.shape
-        lengths = ((batch.pred_positions * batch.mask).amax(1) + 1).tolist()  # real input length per row
+        lengths = batch.input_lengths.tolist()
         out = torch.zeros(b, length, self.target_model.config.hidden_size, dtype=self.target_model.dtype,
                           device=batch.input_ids.device)
         missing = [i for i, key in enumerate(keys) if key not in self._store]
@@ -370,8 +375,7 @@ def distill_loss(student: nn.Module, batch: DistillBatch, config: DistillConfig,
         logits, drafted = student(batch.input_ids, batch.pred_positions, target_features)
         # Position t drafts feature t + 1 for every t + 1 inside the record (padding ends where its last
         # predicting position does); a first output token predicted at position 0 has no drafting position.
-        last = (batch.pred_positions * batch.mask).amax(1)  # [B]
-        inside = torch.arange(drafted.shape[1], device=drafted.device)[None] < last[:, None]  # [B, L - 1]
+        inside = torch.arange(drafted.shape[1], device=drafted.device)[None] < batch.input_lengths[:, None] - 1
         feature_loss = nn.functional.smooth_l1_loss(drafted[inside], target_features[:, 1:][inside].to(drafted.dtype))
         mask = batch.mask & (batch.pred_positions >= 1)
     else:

@@ -406,12 +406,21 @@ class LayerParallelExecutor:
         return h.to(home)
 
 
+def check_drafts_in_layers(runner: CausalLMRunner) -> None:
+    """Raise ValueError if the runner cannot draft under a plan: a drafter reading the target's features
+    drafts sequentially (the engine's feature path gives it no calibration forward)."""
+    if runner.feature_fc is not None:
+        raise ValueError("a drafter that reads the target's features drafts sequentially: unset the "
+                         "layer-parallel plan to serve or measure it")
+
+
 def install(runner: CausalLMRunner,
             config: LayerParallelConfig | LayerPlan | None) -> LayerParallelExecutor | None:
     """Set (or with None, clear) the runner's layer executor. Do it before a SpecEngine builds the cache."""
     if config is None:
         runner.layer_executor = None
         return None
+    check_drafts_in_layers(runner)
     if isinstance(config, LayerPlan):
         executor = LayerParallelExecutor(config)
     else:

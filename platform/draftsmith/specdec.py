@@ -430,7 +430,7 @@ class SpecEngine:
         positions = ends[:, None] - width + torch.arange(width, device=device)[None]
         feature = None
         if reads_features:
-            feature = self.target_features[torch.arange(rows.start, rows.stop, device=device)[:, None], positions]
+            feature = self._target_features_at(rows, positions)
         logits = drafter.forward(ids, positions, cache, rows, logits_at=torch.full((len(seqs),), width - 1, device=device),
                                  exact=calibrate, features=feature, return_features=reads_features)
         if reads_features:
@@ -453,6 +453,11 @@ class SpecEngine:
                 s.drafter_len = len(s.tokens) if calibrate else len(s.tokens) + gamma - 1
         draft_probs = None if sampling is None else torch.stack(probs, dim=1)
         return torch.stack(tokens, dim=1), draft_probs
+
+    def _target_features_at(self, rows: slice, positions: torch.Tensor) -> torch.Tensor:
+        """The stored target features [B, S, D] of slots `rows` at positions [B, S]."""
+        slots = torch.arange(rows.start, rows.stop, device=positions.device)
+        return self.target_features[slots[:, None], positions]
 
     def _draft_token(self, logits: torch.Tensor, sampling, uniforms):
         """logits [B, 1, V_draft] -> full-vocabulary token ids [B] and, when sampling, probs [B, V]."""
@@ -490,7 +495,7 @@ class SpecEngine:
         positions = positions.clamp(max=self.max_len - 1)
         features = None
         if reads_features:
-            features = self.target_features[torch.arange(rows.start, rows.stop, device=device)[:, None], positions]
+            features = self._target_features_at(rows, positions)
         self.drafter.hidden_states(ids.to(device), positions, self.drafter_cache, rows, exact=True, features=features)
         for s in seqs:
             s.drafter_len = len(s.tokens) - 1
