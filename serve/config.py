@@ -45,6 +45,18 @@ class EngineSettings(_Section):
                                               "group's drafter layers run on them concurrently (round robin) "
                                               "and the target is split over them in contiguous stages; empty "
                                               "= one device, stacked groups.")
+    prompt_lookup_max: int = Field(0, ge=0, le=16, description="Prompt lookup (vLLM's ngram method): a sequence "
+                                   "whose last n tokens (prompt_lookup_min <= n <= this) occurred earlier in it "
+                                   "verifies the tokens that followed them instead of the drafter's, at no drafting "
+                                   "cost; also speculates while no drafter is loaded. 0 = off.")
+    prompt_lookup_min: int = Field(2, ge=1, le=16, description="Shortest n-gram prompt lookup matches.")
+
+    @model_validator(mode="after")
+    def _lookup_range(self):
+        if self.prompt_lookup_max and self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"engine.prompt_lookup_min ({self.prompt_lookup_min}) must be <= "
+                             f"engine.prompt_lookup_max ({self.prompt_lookup_max})")
+        return self
 
 
 class TrafficSettings(_Section):

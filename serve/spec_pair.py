@@ -191,7 +191,8 @@ class SpecPairImpl:
         engine = SpecEngine(
             target_runner, None,
             config=EngineConfig(num_speculative_tokens=e.num_speculative_tokens, max_batch_size=e.max_batch_size,
-                                max_model_len=e.max_model_len, topk_logprobs=e.topk_logprobs, seed=e.seed),
+                                max_model_len=e.max_model_len, topk_logprobs=e.topk_logprobs, seed=e.seed,
+                                prompt_lookup_max=e.prompt_lookup_max, prompt_lookup_min=e.prompt_lookup_min),
             eos_token_ids=self.target.eos_token_ids,
             decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
         )

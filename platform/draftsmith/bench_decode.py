@@ -33,6 +33,7 @@ from draftsmith.models import (
     load_drafter,
     load_model,
 )
+from draftsmith.prompt_lookup import check_lookup_range
 from draftsmith.sampling import SamplingParams
 from draftsmith.specdec import EngineConfig, Request, SpecEngine, runner_for
 
@@ -51,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default=EMBEDDED_TARGET, help="preset, HF directory or .gguf file")
     parser.add_argument("--drafter", default="derived:first2+last1",
                         help="a drafter directory, or derived:<layers> (e.g. derived:first2+last1, derived:0,29), "
-                        "or feature:<layers> (an EAGLE-style drafter reading the target's features, e.g. feature:last1)")
+                        "or feature:<layers> (an EAGLE-style drafter reading the target's features, e.g. feature:last1), "
+                        "or none (speculation by --prompt-lookup-max alone)")
     parser.add_argument("--draft-vocab", type=int, default=0,
                         help="trim the derived drafter's head to the N most frequent tokens of ShareGPT train replies")
     parser.add_argument("--prompts", default="sharegpt", help="sharegpt (held-out slice) or jsonl:PATH")
@@ -59,6 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-prompt-tokens", type=int, default=256)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--gamma", type=int, default=4)
+    parser.add_argument("--prompt-lookup-max", type=int, default=0, metavar="N",
+                        help="speculative engine: rows whose last n tokens (min <= n <= N) occurred earlier draft what "
+                             "followed them instead of the drafter's tokens (0 = off)")
+    parser.add_argument("--prompt-lookup-min", type=int, default=2, metavar="N")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--device", default="cpu")
@@ -76,7 +82,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_drafter(target: LoadedModel, spec: str, draft_vocab: int = 0):
-    """A drafter from a directory or a `derived:<layers>` / `feature:<layers>` spec (optionally with a trimmed head)."""
+    """A drafter from a directory or a `derived:<layers>` / `feature:<layers>` spec (optionally with a trimmed head);
+    None for `none`."""
+    if spec == "none":
+        return None
     if not spec.startswith(DERIVATION_PREFIXES):
         return load_drafter(spec, target)
     vocab_ids = None
@@ -119,25 +128,29 @@ def _median_ms(fn, repeats: int = 7) -> float:
 @torch.inference_mode()
 def measure_step_costs(target_runner, drafter_runner, context: int, gamma: int) -> dict:
     """Median times of one target step, one target verification of gamma+1 tokens, one drafter step (a
-    feature-reading drafter's step reads a feature too, as it does when drafting)."""
+    feature-reading drafter's step reads a feature too, as it does when drafting; 0 without a drafter)."""
     device = target_runner.device
     ids = torch.randint(0, target_runner.embed.shape[0], (1, context), device=device)
     positions = torch.arange(context, device=device)[None]
-    tcache, dcache = target_runner.new_cache(1, context + gamma + 2), drafter_runner.new_cache(1, context + gamma + 2)
+    tcache = target_runner.new_cache(1, context + gamma + 2)
     _, features = target_runner.forward(ids, positions, tcache, slice(0, 1), return_features=True)
-    reads_features = drafter_runner.feature_fc is not None
-    drafter_runner.forward(ids, positions, dcache, slice(0, 1), features=features if reads_features else None)
     one = torch.tensor([[5]], device=device)
     at = torch.tensor([[context]], device=device)
     many = torch.full((1, gamma + 1), 5, device=device)
     at_many = context + torch.arange(gamma + 1, device=device)[None]
-    feature = features[:, -1:] if reads_features else None
     target_ms = _median_ms(lambda: target_runner.forward(one, at, tcache, slice(0, 1)))
     verify_ms = _median_ms(lambda: target_runner.forward(many, at_many, tcache, slice(0, 1)))
+    costs = {"target_step_ms": target_ms, "verify_ms": verify_ms, "drafter_step_ms": 0.0, "cost_ratio": 0.0,
+             "verify_cost_ratio": verify_ms / target_ms}
+    if drafter_runner is None:
+        return costs
+    dcache = drafter_runner.new_cache(1, context + gamma + 2)
+    reads_features = drafter_runner.feature_fc is not None
+    drafter_runner.forward(ids, positions, dcache, slice(0, 1), features=features if reads_features else None)
+    feature = features[:, -1:] if reads_features else None
     drafter_ms = _median_ms(lambda: drafter_runner.forward(one, at, dcache, slice(0, 1), features=feature,
                                                            return_features=reads_features))
-    return {"target_step_ms": target_ms, "verify_ms": verify_ms, "drafter_step_ms": drafter_ms,
-            "cost_ratio": drafter_ms / target_ms, "verify_cost_ratio": verify_ms / target_ms}
+    return {**costs, "drafter_step_ms": drafter_ms, "cost_ratio": drafter_ms / target_ms}
 
 
 @dataclasses.dataclass
@@ -183,8 +196,12 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     target = load_model(args.target, device=args.device)
     drafter = build_drafter(target, args.drafter, args.draft_vocab)
-    target_runner, drafter_runner = runner_for(target.model), runner_for(None, drafter)
+    if drafter is None and not args.prompt_lookup_max:
+        raise SystemExit("--drafter none speculates by prompt lookup alone: add --prompt-lookup-max")
+    target_runner, drafter_runner = runner_for(target.model), drafter and runner_for(None, drafter)
     if args.layer_parallel or args.layer_parallel_plan:
+        if drafter_runner is None:
+            raise SystemExit("a layer-parallel plan groups a drafter's layers: --drafter none has none")
         try:  # before the benchmark, not after it
             check_drafts_in_layers(drafter_runner)
         except ValueError as error:
@@ -203,12 +220,13 @@ def run(args: argparse.Namespace) -> dict:
 
     def engine(gamma: int) -> SpecEngine:
         config = EngineConfig(num_speculative_tokens=gamma, max_batch_size=args.batch_size, max_model_len=max_len,
-                              topk_logprobs=0, seed=args.seed)
+                              topk_logprobs=0, seed=args.seed, prompt_lookup_max=args.prompt_lookup_max if gamma else 0,
+                              prompt_lookup_min=args.prompt_lookup_min)
         return SpecEngine(target_runner, drafter_runner if gamma else None, config=config,
                           eos_token_ids=target.eos_token_ids)
 
     ar_engine, spec_engine = engine(0), engine(args.gamma)
-    hf_drafter = drafter.model
+    hf_drafter = drafter and drafter.model
     eos = list(target.eos_token_ids)
     hf_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, eos_token_id=eos,
                      pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0])
@@ -240,7 +258,7 @@ def run(args: argparse.Namespace) -> dict:
             continue  # transformers' assisted generation decodes one sequence at a time
         ids = batch[0]
         paths["hf"].add(*_timed(lambda: hf_generate(ids)))
-        if drafter.reads_target_features:
+        if drafter is None or drafter.reads_target_features:
             continue  # transformers cannot run a drafter that reads the target's features
         paths["hf_assisted"].add(*_timed(lambda: hf_generate(
             ids, assistant_model=hf_drafter, num_assistant_tokens=args.gamma,
@@ -252,6 +270,8 @@ def run(args: argparse.Namespace) -> dict:
     compared = sum(r.stats.compared for r in spec_results)
     steps = sum(r.stats.steps for r in spec_results)
     emitted = sum(r.stats.emitted_in_steps for r in spec_results)
+    lookup_drafted = sum(r.stats.lookup_drafted for r in spec_results)
+    lookup_accepted = sum(r.stats.lookup_accepted for r in spec_results)
     alpha = accepted / compared if compared else 0.0
     mean_accepted_length = emitted / steps if steps else 0.0
     costs = measure_step_costs(target_runner, drafter_runner, int(statistics.median(map(len, prompts))), args.gamma)
@@ -267,13 +287,14 @@ def run(args: argparse.Namespace) -> dict:
 
     report = {
         "target": target.model_id,
-        "drafter": drafter.version,
-        "drafter_layers": drafter.num_layers,
-        "draft_vocab_size": drafter.meta.get("draft_vocab_size"),
+        "drafter": drafter.version if drafter else "none",
+        "drafter_layers": drafter.num_layers if drafter else 0,
+        "draft_vocab_size": drafter.meta.get("draft_vocab_size") if drafter else None,
         "device": args.device,
         "n_prompts": len(prompts),
         "max_new_tokens": args.max_new_tokens,
         "gamma": args.gamma,
+        "prompt_lookup": [args.prompt_lookup_min, args.prompt_lookup_max] if args.prompt_lookup_max else None,
         "batch_size": args.batch_size,
         "temperature": args.temperature,
         "output_tokens": paths["spec"].tokens,
@@ -287,6 +308,8 @@ def run(args: argparse.Namespace) -> dict:
         "acceptance_rate": accepted / drafted if drafted else 0.0,
         "token_acceptance": alpha,
         "mean_accepted_length": mean_accepted_length,
+        "lookup_drafted_share": lookup_drafted / drafted if drafted else 0.0,  # of drafted tokens, lookup's
+        "lookup_acceptance_rate": lookup_accepted / lookup_drafted if lookup_drafted else 0.0,
         **costs,
         "theoretical_speedup": theoretical,
         "predicted_speedup": predicted,
@@ -329,6 +352,10 @@ def summary_table(report: dict) -> str:
         f"predicted speedup {report['predicted_speedup']:.2f}x (Leviathan, v=1: {report['theoretical_speedup']:.2f}x)",
         f"greedy mismatches vs autoregressive: {report['greedy_mismatches']}",
     ]
+    if report["prompt_lookup"]:
+        lines.insert(-2, f"prompt lookup (n-grams {report['prompt_lookup'][0]}-{report['prompt_lookup'][1]}): "
+                         f"{report['lookup_drafted_share']:.2f} of drafted tokens, acceptance rate "
+                         f"{report['lookup_acceptance_rate']:.3f} (the predicted speedup assumes a drafter step per draft)")
     return "\n".join(lines)
 
 
@@ -336,6 +363,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="draftsmith bench decode", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
+    try:
+        check_lookup_range(args.prompt_lookup_min, args.prompt_lookup_max)
+    except ValueError as error:
+        parser.error(str(error))
     report = run(args)
     print(summary_table(report), flush=True)
     print(json.dumps(report))

@@ -5,6 +5,9 @@ are admitted into free slots (prefilled by the target, which also emits the firs
 `step()` drafts up to gamma tokens per sequence, verifies all of them in one target forward, accepts
 per sequence (ragged: each sequence advances by its own accepted length) and rolls both caches back
 by resetting lengths. `num_speculative_tokens=0` runs the same code as plain autoregressive decoding.
+With `prompt_lookup_max` set, a row whose context repeats its last n-gram verifies the tokens that
+followed the earlier occurrence instead of the drafter's (prompt_lookup.py); the drafter runs only for
+the rows without one, and without a drafter such rows decode one token.
 Every target forward also stores the target's final-normed hidden state per position (`target_features`,
 a slot store beside the KV cache with the same lengths): an EAGLE-style drafter (`feature_fc`) drafts
 from them instead of from tokens alone.
@@ -32,6 +35,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 
 from draftsmith.llama import CausalLMRunner, KVCache
+from draftsmith.prompt_lookup import check_lookup_range, lookup_proposal
 from draftsmith.sampling import (
     SamplingParams,
     processed_probs,
@@ -88,6 +92,8 @@ class RequestStats(AcceptanceRates):
     compared: int = 0
     steps: int = 0  # target verification steps (the prefill's first token is not one)
     emitted_in_steps: int = 0
+    lookup_drafted: int = 0  # of `drafted`, the tokens prompt lookup proposed
+    lookup_accepted: int = 0  # of `accepted`, the tokens prompt lookup proposed
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
     prefill_seconds: float = 0.0
@@ -126,6 +132,14 @@ class EngineConfig:
     max_model_len: int = 2048
     topk_logprobs: int = 8  # target top-k per output position, for the traffic log (0 = off)
     seed: int = 0
+    # > 0: a row whose last n tokens (prompt_lookup_min <= n <= prompt_lookup_max) occurred earlier in it drafts
+    # what followed them instead of asking the drafter (prompt_lookup.py; vLLM's "ngram" method, here also
+    # beside a drafter and without one).
+    prompt_lookup_max: int = 0
+    prompt_lookup_min: int = 2
+
+    def __post_init__(self):
+        check_lookup_range(self.prompt_lookup_min, self.prompt_lookup_max)
 
 
 @dataclasses.dataclass
@@ -214,7 +228,7 @@ class SpecEngine:
         gamma = self.config.num_speculative_tokens if request.num_speculative_tokens is None else request.num_speculative_tokens
         if gamma < 0:
             raise ValueError(f"num_speculative_tokens must be >= 0, got {gamma}")
-        return gamma if self.drafter is not None else 0
+        return gamma if self.drafter is not None or self.config.prompt_lookup_max else 0
 
     def add_request(self, request: Request) -> None:
         self.validate(request)
@@ -349,16 +363,22 @@ class SpecEngine:
     def _decode_step(self, seqs: list[_Sequence], emitted: dict[int, list[int]]) -> None:
         # Rows are the contiguous slots 0..n-1 minus the ones admitted this step, which sit at the end.
         rows = self._rows(seqs)
+        start = time.perf_counter()
         gammas_list = [self._step_gamma(s) for s in seqs]
+        lookups = [[] for _ in seqs]
+        if self.config.prompt_lookup_max:
+            lookups = [lookup_proposal(s.tokens, min_n=self.config.prompt_lookup_min, count=g,
+                                       max_n=self.config.prompt_lookup_max) for s, g in zip(seqs, gammas_list)]
+        # A row verifies its lookup when it has one; otherwise the drafter's tokens, or none without a drafter.
+        gammas_list = [len(found) if found or self.drafter is None else g for found, g in zip(lookups, gammas_list)]
         gamma = max(gammas_list)
         device = self.target.device
         greedy = all(s.request.params.greedy for s in seqs)
         sampling = None if greedy else self._sampling_tensors(seqs)
-        start = time.perf_counter()
         draft_tokens = torch.zeros(len(seqs), gamma, dtype=torch.long, device=device)
         draft_probs = None
         if gamma > 0:
-            draft_tokens, draft_probs = self._draft(seqs, rows, gamma, sampling)
+            draft_tokens, draft_probs = self._propose(seqs, rows, gamma, lookups, sampling)
         self._sync()
         drafted_at = time.perf_counter()
         base = torch.tensor([s.target_len for s in seqs], device=device)
@@ -389,6 +409,9 @@ class SpecEngine:
             s.stats.drafted += g
             s.stats.accepted += a
             s.stats.compared += min(a + 1, g)
+            if lookups[i]:
+                s.stats.lookup_drafted += g
+                s.stats.lookup_accepted += a
             s.stats.draft_seconds += drafted_at - start
             s.stats.verify_seconds += done - drafted_at
             old_total = len(s.tokens)
@@ -401,6 +424,28 @@ class SpecEngine:
     def _step_gamma(self, seq: _Sequence) -> int:
         remaining = seq.request.params.max_tokens - len(seq.output)
         return max(0, min(seq.gamma, remaining - 1, self.max_len - len(seq.tokens) - 1))
+
+    def _propose(self, seqs: list[_Sequence], rows: slice, gamma: int, lookups: list[list[int]], sampling):
+        """Draft tokens [B, gamma] (and, when sampling, probs [B, gamma, V]): each row's prompt-lookup tokens where
+        it has them, the drafter's elsewhere. The drafter runs only if some row lacks a lookup."""
+        if self.drafter is not None and not all(lookups):
+            tokens, probs = self._draft(seqs, rows, gamma, sampling)
+        else:
+            tokens = torch.zeros(len(seqs), gamma, dtype=torch.long, device=self.target.device)
+            probs = None if sampling is None else torch.zeros(len(seqs), gamma, self.target.vocab_size,
+                                                              device=self.target.device)
+        reads_features = self.drafter is not None and self.drafter.feature_fc is not None
+        for i, found in enumerate(lookups):
+            if not found:
+                continue
+            proposal = torch.tensor(found, device=tokens.device)
+            tokens[i, : len(found)] = proposal
+            if probs is not None:  # a deterministic proposal: q is one-hot, which speculative sampling verifies exactly
+                probs[i] = 0
+                probs[i, torch.arange(len(found), device=tokens.device), proposal] = 1
+            # The drafter cached its own drafts past the real tokens; the verified ones will be the lookup's.
+            seqs[i].drafter_len = min(seqs[i].drafter_len, len(seqs[i].tokens) - reads_features)
+        return tokens, probs
 
     def _draft(self, seqs: list[_Sequence], rows: slice, gamma: int, sampling):
         """Draft `gamma` tokens per row; returns tokens [B, gamma] and (when sampling) their probs [B, gamma, V].

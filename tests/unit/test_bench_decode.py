@@ -57,3 +57,27 @@ def test_bench_decode_runs_a_feature_drafter(capsys):
     assert report["hf_generate_tok_s"] and report["hf_assisted_tok_s"] is None
     with pytest.raises(SystemExit, match="drafts sequentially"):
         bench_decode.main(["--target", "tiny", "--drafter", "feature:last1", "--layer-parallel", "2"])
+
+
+def test_bench_decode_reports_prompt_lookup_beside_the_drafter(capsys):
+    assert bench_decode.main(["--target", "tiny", "--drafter", "derived:0", "--n-prompts", "2", "--skip-hf",
+                              "--max-new-tokens", "24", "--max-prompt-tokens", "32", "--prompt-lookup-max", "3",
+                              "--prompt-lookup-min", "1"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    report = json.loads(out[-1])
+    assert report["prompt_lookup"] == [1, 3] and report["greedy_mismatches"] == 0
+    assert 0 < report["lookup_drafted_share"] <= 1 and 0 <= report["lookup_acceptance_rate"] <= 1
+    assert any(line.startswith("prompt lookup (n-grams 1-3)") for line in out)
+    with pytest.raises(SystemExit):
+        bench_decode.main(["--target", "tiny", "--prompt-lookup-max", "2", "--prompt-lookup-min", "3"])
+    assert "prompt_lookup_min <= prompt_lookup_max" in capsys.readouterr().err
+
+
+def test_bench_decode_speculates_by_prompt_lookup_alone(capsys):
+    assert bench_decode.main(["--target", "tiny", "--drafter", "none", "--n-prompts", "2", "--max-new-tokens", "24",
+                              "--max-prompt-tokens", "32", "--prompt-lookup-max", "3", "--prompt-lookup-min", "1"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["drafter"] == "none" and report["cost_ratio"] == 0 and report["greedy_mismatches"] == 0
+    assert report["lookup_drafted_share"] == 1.0 and report["hf_assisted_tok_s"] is None
+    with pytest.raises(SystemExit, match="add --prompt-lookup-max"):
+        bench_decode.main(["--target", "tiny", "--drafter", "none"])

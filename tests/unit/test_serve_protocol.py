@@ -119,6 +119,9 @@ def test_config_from_flat_strings_and_yaml(tmp_path):
     ServeAppConfig(**two_gpus, placement={"num_gpus": 2, "bundles": [{"CPU": 1, "GPU": 2}]})
     with pytest.raises(ValueError, match="layer_parallel_group_sizes"):
         ServeAppConfig(engine={"layer_parallel_group_sizes": [1, 0]})
+    assert ServeAppConfig(engine={"prompt_lookup_max": 3}).engine.prompt_lookup_min == 2
+    with pytest.raises(ValueError, match=r"engine.prompt_lookup_min \(4\) must be <= engine.prompt_lookup_max \(3\)"):
+        ServeAppConfig(engine={"prompt_lookup_max": 3, "prompt_lookup_min": 4})
 
 
 def test_record_from_result():

@@ -235,8 +235,9 @@ def test_request_validation_messages(target):
         SamplingParams(max_tokens=0)
 
 
-def _token_pair_distribution(target, prompt, top_k, temperature):
-    """Exact P(x2) = sum_x1 P(x1) P(x2 | x1) under top-k/temperature processing, from the target itself."""
+def _token_pair_distribution(target, prompt, top_k, temperature, first_only=False):
+    """Exact P(x2) = sum_x1 P(x1) P(x2 | x1) under top-k/temperature processing, from the target itself
+    (P(x1) with first_only)."""
     from draftsmith.sampling import processed_probs
 
     def probs(ids):
@@ -247,22 +248,19 @@ def _token_pair_distribution(target, prompt, top_k, temperature):
                                torch.ones(n))[:, 0]
 
     p1 = probs([prompt])[0]
+    if first_only:
+        return p1
     support = p1.nonzero().flatten()
     p2 = probs([prompt + [int(t)] for t in support])
     return (p1[support, None] * p2).sum(0)
 
 
-def test_speculative_sampling_reproduces_the_target_distribution(target, drafters):
+def _second_token_p_value(results, expected: torch.Tensor) -> float:
+    """Chi-square p-value of the results' second output tokens (the first decided by draft + verification; the
+    prefill samples the first) against the exact distribution `expected`; fails on a token outside its support."""
     scipy_stats = pytest.importorskip("scipy.stats")
-    prompt, top_k, temperature, n = [5, 6, 7], 6, 1.3, 3000
-    expected = _token_pair_distribution(target, prompt, top_k, temperature)
-    eng = engine(target, drafters["layer0"], 3, batch=64)
-    results = eng.generate([Request(str(i), prompt, SamplingParams(max_tokens=3, temperature=temperature, top_k=top_k,
-                                                                     seed=i)) for i in range(n)])
-    # The second token is the first one decided by draft + verification (the first comes from the prefill).
     observed = torch.bincount(torch.tensor([r.output_token_ids[1] for r in results]), minlength=expected.numel())
-    assert sum(r.stats.accepted for r in results) > 0 and sum(r.stats.drafted for r in results) > sum(
-        r.stats.accepted for r in results)  # both branches (accept and recover) were exercised
+    n = len(results)
     support = expected > 1e-9
     assert observed[~support].sum() == 0
     exp_counts = expected[support] * n
@@ -273,6 +271,18 @@ def test_speculative_sampling_reproduces_the_target_distribution(target, drafter
         obs, exp = obs[:-1], exp[:-1]
     exp = exp * obs.sum() / exp.sum()
     _, p_value = scipy_stats.chisquare(obs.numpy(), exp.numpy(), sum_check=False)
+    return p_value
+
+
+def test_speculative_sampling_reproduces_the_target_distribution(target, drafters):
+    prompt, top_k, temperature, n = [5, 6, 7], 6, 1.3, 3000
+    expected = _token_pair_distribution(target, prompt, top_k, temperature)
+    eng = engine(target, drafters["layer0"], 3, batch=64)
+    results = eng.generate([Request(str(i), prompt, SamplingParams(max_tokens=3, temperature=temperature, top_k=top_k,
+                                                                     seed=i)) for i in range(n)])
+    assert sum(r.stats.accepted for r in results) > 0 and sum(r.stats.drafted for r in results) > sum(
+        r.stats.accepted for r in results)  # both branches (accept and recover) were exercised
+    p_value = _second_token_p_value(results, expected)
     assert p_value > 1e-3, f"speculative samples do not follow the target distribution (p={p_value:.2e})"
 
 
@@ -281,3 +291,43 @@ def test_seeded_sampling_is_reproducible(target, drafters):
     a = outputs(engine(target, drafters["layer0"], 3), [PROMPTS[0]], **params.__dict__)[0]
     b = outputs(engine(target, drafters["layer0"], 3), [PROMPTS[0]], **params.__dict__)[0]
     assert a.output_token_ids == b.output_token_ids
+
+
+@pytest.mark.parametrize("drafter_name", [None, "layer0", "trimmed", "feature", "bad"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_prompt_lookup_is_lossless_beside_any_drafter_and_without_one(target, drafters, drafter_name, batch):
+    prompts = PROMPTS + [[20, 21, 22, 23, 20, 21, 22, 23, 20, 21]]  # repeats itself: lookup finds "20 21"
+    expected = [r.output_token_ids for r in outputs(engine(target, None, 0), prompts, max_tokens=24)]
+    drafter = drafters[drafter_name] if drafter_name else None
+    got = outputs(engine(target, drafter, 4, batch, prompt_lookup_max=3, prompt_lookup_min=1), prompts, max_tokens=24)
+    assert [r.output_token_ids for r in got] == expected
+    looked_up = sum(r.stats.lookup_drafted for r in got)
+    assert 0 < looked_up and 0 < sum(r.stats.lookup_accepted for r in got) <= looked_up
+    if drafter_name is None:  # only lookup drafts; rows without a match decode one token
+        assert sum(r.stats.drafted for r in got) == looked_up
+    else:
+        assert sum(r.stats.drafted for r in got) > looked_up
+    for r in got:
+        assert int(r.accept_mask.sum()) == r.stats.accepted and r.stats.emitted_in_steps + 1 == 24
+
+
+def test_prompt_lookup_sampling_reproduces_the_target_distribution(target):
+    """A lookup proposal is a one-hot draft: accepted with probability p(x), else resampled from p without x."""
+    # Every other token occurs in the prompt followed by token 9, so lookup proposes 9 after half the first
+    # tokens (a wrong acceptance rule would move mass to or from 9); no top-k: 9 always has some probability.
+    vocab = target.model.config.vocab_size
+    top_k, temperature, n = 0, 1.5, 3000
+    prompt = [t for token in range(3, vocab, 2) for t in (token, 9)] + [5, 6, 7]
+    expected = _token_pair_distribution(target, prompt, top_k, temperature)
+    eng = engine(target, None, 3, batch=64, prompt_lookup_max=2, prompt_lookup_min=1)
+    results = eng.generate([Request(str(i), prompt, SamplingParams(max_tokens=3, temperature=temperature, top_k=top_k,
+                                                                     seed=i)) for i in range(n)])
+    looked_up = sum(r.stats.lookup_drafted for r in results)
+    assert 0 < sum(r.stats.lookup_accepted for r in results) < looked_up  # both accept and recover happened
+    p_value = _second_token_p_value(results, expected)
+    assert p_value > 1e-3, f"lookup samples do not follow the target distribution (p={p_value:.2e})"
+
+
+def test_engine_config_checks_the_lookup_range():
+    with pytest.raises(ValueError, match="prompt_lookup_min <= prompt_lookup_max"):
+        EngineConfig(prompt_lookup_max=2, prompt_lookup_min=3)
