@@ -9,9 +9,10 @@ drafter from the target (`--layers`, `--draft-vocab-size` from the traffic's mos
 tokens; `--feature-drafter` for one that reads the target's features); (3) evaluate it on held-out
 prompts (`--heldout sharegpt|jsonl:PATH`, greedy, gamma 4) "before"; (4) distill it, in this process (`--in-process`, no Ray) or through Ray Train
 (`jobs.distill.run_distill`, the default; required for `--workers > 1`); (5) evaluate "after" and the
-target alone (autoregressive) in the same engine. Progress goes to stderr; the LAST stdout line is one
-JSON object (records, train_tokens, train_seconds, *_before / *_after, autoregressive_tok_s,
-speedup_after, the Leviathan predictions, ...).
+target alone (autoregressive) in the same engine, and with `--prompt-lookup-max` the distilled drafter
+again with prompt lookup beside it (the *_after_with_options fields). Progress goes to stderr; the LAST
+stdout line is one JSON object (records, train_tokens, train_seconds, *_before / *_after,
+autoregressive_tok_s, speedup_after, the Leviathan predictions, ...).
 
 Not here: serving, the registry (no MLflow is needed), the trigger.
 """
@@ -33,7 +34,7 @@ logger = logging.getLogger("draftsmith.bench_distill")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    from draftsmith.bench_decode import group_sizes_arg
+    from draftsmith.bench_decode import add_engine_option_arguments, engine_options, group_sizes_arg
 
     p = argparse.ArgumentParser(prog="draftsmith bench distill", description=__doc__.split("\n\n")[0])
     p.add_argument("--target", default="smollm2-135m-instruct", help="target model spec")
@@ -87,11 +88,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--gamma", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--eval-batch-size", type=int, default=8)
+    add_engine_option_arguments(p)  # when set, a second "after" evaluation under them (*_after_with_options)
     p.add_argument("--eval-max-prompt-tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-drafter", help="write the distilled drafter directory here")
     p.add_argument("--plot", help="write the before/after comparison PNG here")
     args = p.parse_args(argv)
+    try:
+        args.engine_options = engine_options(args)
+    except ValueError as error:
+        p.error(str(error))
     if args.max_train_minutes and not args.in_process:
         p.error("--max-train-minutes bounds the in-process loop: add --in-process (Ray Train runs --steps)")
     if args.workers > 1 and args.in_process:
@@ -215,6 +221,18 @@ def train_with_ray(args, traffic_uri: str, state_dir: str, target) -> tuple[obje
     return drafter, {"steps": m.get("step"), "train_tokens": int(tokens), "final_loss": m.get("loss"), "final_top1": m.get("top1_match"), "ray_metrics": m}
 
 
+def _options_result(options: dict, report, autoregressive) -> dict:
+    """The distilled drafter's figures under those engine options (empty when not measured)."""
+    if report is None:
+        return {}
+    m = report.get("after+options")
+    return {"engine_options": options, "token_acceptance_after_with_options": m.token_acceptance,
+            "acceptance_rate_after_with_options": m.acceptance_rate,
+            "mean_accepted_length_after_with_options": m.mean_accepted_length,
+            "speculative_tok_s_after_with_options": m.tok_s,
+            "speedup_after_with_options": m.tok_s / autoregressive.tok_s if autoregressive.tok_s else 0.0}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -273,6 +291,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     after = evaluate_drafters(target, {"after": trained}, prompts, **eval_kw)
     logger.info("after distillation:\n%s", after.table())
+    options, with_options = args.engine_options, None
+    if options:
+        with_options = evaluate_drafters(target, {"after+options": trained}, prompts, measure_autoregressive=False,
+                                         engine_options=options, **eval_kw)
+        logger.info("after distillation, with %s:\n%s", options, with_options.table())
     if args.save_drafter:
         save_drafter(trained, Path(args.save_drafter), target.tokenizer)
     if args.plot:
@@ -310,6 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "speculative_tok_s_before": b.tok_s, "speculative_tok_s_after": a.tok_s,
         "autoregressive_tok_s": ar.tok_s,
         "speedup_before": b.tok_s / ar.tok_s if ar.tok_s else 0.0, "speedup_after": after.speedup("after"),
+        **_options_result(options, with_options, ar),
         "cost_ratio_params": cost_ratio,
         "predicted_speedup_leviathan": leviathan(a.token_acceptance, args.gamma, cost_ratio)[1],
         "predicted_speedup_cpu_v1.36": leviathan(a.token_acceptance, args.gamma, cost_ratio, 1.36)[1],

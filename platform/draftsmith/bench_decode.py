@@ -33,7 +33,6 @@ from draftsmith.models import (
     load_drafter,
     load_model,
 )
-from draftsmith.prompt_lookup import check_lookup_range
 from draftsmith.sampling import SamplingParams
 from draftsmith.specdec import EngineConfig, Request, SpecEngine, runner_for
 
@@ -61,10 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-prompt-tokens", type=int, default=256)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--gamma", type=int, default=4)
-    parser.add_argument("--prompt-lookup-max", type=int, default=0, metavar="N",
-                        help="speculative engine: rows whose last n tokens (min <= n <= N) occurred earlier draft what "
-                             "followed them instead of the drafter's tokens (0 = off)")
-    parser.add_argument("--prompt-lookup-min", type=int, default=2, metavar="N")
+    add_engine_option_arguments(parser)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--device", default="cpu")
@@ -79,6 +75,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "over them in stages, a layer-parallel group's drafter layers run on them concurrently")
     parser.add_argument("--skip-hf", action="store_true", help="skip the transformers baselines")
     parser.add_argument("--seed", type=int, default=0)
+
+
+def add_engine_option_arguments(parser: argparse.ArgumentParser) -> None:
+    """The speculative engine's options beside its drafter: prompt lookup."""
+    parser.add_argument("--prompt-lookup-max", type=int, default=0, metavar="N",
+                        help="rows whose last n tokens (min <= n <= N) occurred earlier draft what followed them "
+                             "instead of the drafter's tokens (0 = off)")
+    parser.add_argument("--prompt-lookup-min", type=int, default=2, metavar="N")
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    """The EngineConfig fields those arguments set ({} for none); ValueError on a value the engine refuses."""
+    options = {}
+    if args.prompt_lookup_max:
+        options.update(prompt_lookup_min=args.prompt_lookup_min, prompt_lookup_max=args.prompt_lookup_max)
+    EngineConfig(**options)
+    return options
 
 
 def build_drafter(target: LoadedModel, spec: str, draft_vocab: int = 0):
@@ -220,8 +233,7 @@ def run(args: argparse.Namespace) -> dict:
 
     def engine(gamma: int) -> SpecEngine:
         config = EngineConfig(num_speculative_tokens=gamma, max_batch_size=args.batch_size, max_model_len=max_len,
-                              topk_logprobs=0, seed=args.seed, prompt_lookup_max=args.prompt_lookup_max if gamma else 0,
-                              prompt_lookup_min=args.prompt_lookup_min)
+                              topk_logprobs=0, seed=args.seed, **(engine_options(args) if gamma else {}))
         return SpecEngine(target_runner, drafter_runner if gamma else None, config=config,
                           eos_token_ids=target.eos_token_ids)
 
@@ -364,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        check_lookup_range(args.prompt_lookup_min, args.prompt_lookup_max)
+        engine_options(args)
     except ValueError as error:
         parser.error(str(error))
     report = run(args)

@@ -160,8 +160,12 @@ def evaluate_drafters(
     batch_size: int = 8,
     measure_autoregressive: bool = True,
     warmup: bool = True,
+    engine_options: dict | None = None,
 ) -> EvalReport:
     """Decode `prompts` with each drafter (same gamma, same seeds) and with none; pool the counters.
+
+    `engine_options` are further EngineConfig fields (prompt lookup) for the drafters' engines (the
+    autoregressive run never speculates); the gate passes none, so that it compares drafters alone.
 
     Greedy results are deterministic; sampled ones use seed `seed + i` for prompt i, identical across
     drafters, so differences come from the drafters (speculative sampling keeps the target's output
@@ -175,7 +179,7 @@ def evaluate_drafters(
     longest = max(len(p) for p in prompts)
     config = EngineConfig(num_speculative_tokens=gamma, max_batch_size=batch_size,
                           max_model_len=longest + max_new_tokens + gamma + 1, topk_logprobs=0,
-                          seed=seed)
+                          seed=seed, **(engine_options or {}))
     temperatures = tuple(float(t) for t in temperatures)
 
     def engine_for(drafter: Drafter | None, version: str) -> SpecEngine:

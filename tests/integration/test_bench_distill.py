@@ -37,16 +37,24 @@ def test_bench_distill_generate_train_evaluate_and_resume(capsys, tmp_path):
 
     # the same traffic, the saved drafter as the start, a budget already spent: no step, nothing lost
     second = _run(capsys, "--traffic-uri", traffic, "--reuse-traffic", "--init-drafter", str(saved),
-                  "--steps", "50", "--max-train-minutes", "1e-9", "--layer-parallel-plan", "1,1")
+                  "--steps", "50", "--max-train-minutes", "1e-9", "--layer-parallel-plan", "1,1",
+                  "--prompt-lookup-max", "3", "--prompt-lookup-min", "1")
     assert second["records"] == 12 and second["steps"] == 0 and second["init_drafter"] == str(saved)
     assert second["layer_parallel_training"] == [1, 1]
     assert second["token_acceptance_before"] == pytest.approx(second["token_acceptance_after"])
     assert second["token_acceptance_before"] == pytest.approx(first["token_acceptance_after"])
+    # engine options beside the distilled drafter are measured separately, on the same prompts and baseline
+    assert "engine_options" not in first and second["engine_options"] == {"prompt_lookup_min": 1,
+                                                                          "prompt_lookup_max": 3}
+    assert 0.0 <= second["token_acceptance_after_with_options"] <= 1.0 and second["speedup_after_with_options"] > 0
+    assert second["mean_accepted_length_after_with_options"] >= 1.0
 
 
 def test_bench_distill_refuses_a_time_budget_for_ray_train():
     with pytest.raises(SystemExit):
         bench_distill.parse_args(["--max-train-minutes", "5"])
+    with pytest.raises(SystemExit):
+        bench_distill.parse_args(["--prompt-lookup-max", "1", "--prompt-lookup-min", "2"])
 
 
 def test_bench_distill_refuses_a_malformed_plan():

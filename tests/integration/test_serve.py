@@ -344,3 +344,17 @@ def test_layer_parallel_drafting_is_configurable_per_pair():
                             "engine": {"layer_parallel_group_size": 2}}, start=False)
     assert planned.loop.engine.drafter is None
     assert any("drafts sequentially" in reason for reason in planned.refused.values())
+
+
+def test_prompt_lookup_is_configurable_per_pair():
+    """engine.prompt_lookup_max reaches the pair's engine, which then speculates before any drafter is loaded."""
+    from draftsmith.sampling import SamplingParams
+    from draftsmith.specdec import Request
+    from serve.spec_pair import SpecPairImpl
+
+    pair = SpecPairImpl({"target": "tiny", "drafter": None, "traffic": {"enabled": False},
+                         "engine": {"prompt_lookup_max": 3, "prompt_lookup_min": 1}}, start=False)
+    engine = pair.loop.engine
+    assert engine.drafter is None and (engine.config.prompt_lookup_min, engine.config.prompt_lookup_max) == (1, 3)
+    result = engine.generate([Request("r", [20, 21, 22, 20, 21, 22, 20, 21], SamplingParams(max_tokens=16))])[0]
+    assert result.stats.lookup_drafted > 0 and result.stats.drafted == result.stats.lookup_drafted
