@@ -235,9 +235,8 @@ def test_request_validation_messages(target):
         SamplingParams(max_tokens=0)
 
 
-def _token_pair_distribution(target, prompt, top_k, temperature, first_only=False):
-    """Exact P(x2) = sum_x1 P(x1) P(x2 | x1) under top-k/temperature processing, from the target itself
-    (P(x1) with first_only)."""
+def _token_pair_distribution(target, prompt, top_k, temperature):
+    """Exact P(x2) = sum_x1 P(x1) P(x2 | x1) under top-k/temperature processing, from the target itself."""
     from draftsmith.sampling import processed_probs
 
     def probs(ids):
@@ -248,8 +247,6 @@ def _token_pair_distribution(target, prompt, top_k, temperature, first_only=Fals
                                torch.ones(n))[:, 0]
 
     p1 = probs([prompt])[0]
-    if first_only:
-        return p1
     support = p1.nonzero().flatten()
     p2 = probs([prompt + [int(t)] for t in support])
     return (p1[support, None] * p2).sum(0)
