@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -239,10 +240,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         stream=sys.stderr)
     import torch
 
-    from draftsmith.bench_decode import leviathan
+    from draftsmith.bench_decode import leviathan, measure_step_costs
     from draftsmith.datasets_io import load_prompt_source
     from draftsmith.evaluation import evaluate_drafters, plot_comparison, prompts_from_messages
     from draftsmith.models import derive_from_spec, frequent_token_ids, load_drafter, load_model, save_drafter
+    from draftsmith.specdec import runner_for
     from pipelines.dataset import build_distill_dataset
 
     torch.manual_seed(args.seed)
@@ -312,6 +314,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Cost ratio by parameters touched per token (decoder layers + head rows): a rough c for Leviathan.
     hidden = target.model.config.hidden_size
     cost_ratio = (draft_params + head * hidden) / (target_params + target.model.config.vocab_size * hidden)
+    # Verification cost v, measured on the runner evaluation decodes with (prepacked weights on CPU).
+    verify_cost = measure_step_costs(runner_for(target.model), None, int(statistics.median(map(len, prompts))),
+                                     args.gamma)["verify_cost_ratio"]
     result = {
         "target": target.model_id, "device": args.device, "traffic": args.traffic, "records": records,
         "train_records": len(data.train), "train_tokens": train_info["train_tokens"],
@@ -336,7 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         **_options_result(options, with_options, ar),
         "cost_ratio_params": cost_ratio,
         "predicted_speedup_leviathan": leviathan(a.token_acceptance, args.gamma, cost_ratio)[1],
-        "predicted_speedup_cpu_v1.36": leviathan(a.token_acceptance, args.gamma, cost_ratio, 1.36)[1],
+        "verify_cost_ratio": verify_cost,
+        "predicted_speedup_measured_v": leviathan(a.token_acceptance, args.gamma, cost_ratio, verify_cost)[1],
         "total_seconds": round(time.perf_counter() - started, 1),
     }
     result = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}

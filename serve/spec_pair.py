@@ -186,7 +186,7 @@ class SpecPairImpl:
         self.tokenizer_hash = self.target.tokenizer_hash
         tokenizer = self.target.tokenizer
         e = cfg.engine
-        target_runner = runner_for(self.target.model)
+        target_runner = runner_for(self.target.model, prepack=cfg.engine.prepack_weights)
         split_target(target_runner, e.layer_parallel_devices)  # a multi-device pair: split over the same devices
         engine = SpecEngine(
             target_runner, None,
@@ -232,8 +232,8 @@ class SpecPairImpl:
     # ----- drafter hot swap -----------------------------------------------------------------------
     def _drafter_runner(self, drafter):
         """The engine's runner for a drafter, with the pair's layer-parallel plan installed when configured."""
-        runner = runner_for(None, drafter)
         e = self.cfg.engine
+        runner = runner_for(None, drafter, prepack=e.prepack_weights)
         plan = LayerParallelConfig(e.layer_parallel_group_size, tuple(e.layer_parallel_devices),
                                    tuple(e.layer_parallel_group_sizes))
         if plan.enabled:

@@ -24,6 +24,7 @@ import torch
 from draftsmith.datasets_io import load_prompt_source
 from draftsmith.layer_parallel import (LayerParallelConfig, check_drafts_in_layers, measure_layer_parallel,
                                        parse_group_sizes, split_target)
+from draftsmith.llama import PrepackedLinear
 from draftsmith.models import (
     DERIVATION_PREFIXES,
     EMBEDDED_TARGET,
@@ -74,6 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated devices of a multi-device pair (cuda:0,cuda:1): the target is split "
                         "over them in stages, a layer-parallel group's drafter layers run on them concurrently")
     parser.add_argument("--skip-hf", action="store_true", help="skip the transformers baselines")
+    parser.add_argument("--no-prepack", action="store_true",
+                        help="run this engine on the dense weights (default: oneDNN-prepacked copies on CPU)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -211,7 +214,9 @@ def run(args: argparse.Namespace) -> dict:
     drafter = build_drafter(target, args.drafter, args.draft_vocab)
     if drafter is None and not args.prompt_lookup_max:
         raise SystemExit("--drafter none speculates by prompt lookup alone: add --prompt-lookup-max")
-    target_runner, drafter_runner = runner_for(target.model), drafter and runner_for(None, drafter)
+    prepack = not args.no_prepack
+    target_runner = runner_for(target.model, prepack=prepack)
+    drafter_runner = drafter and runner_for(None, drafter, prepack=prepack)
     if args.layer_parallel or args.layer_parallel_plan:
         if drafter_runner is None:
             raise SystemExit("a layer-parallel plan groups a drafter's layers: --drafter none has none")
@@ -303,6 +308,7 @@ def run(args: argparse.Namespace) -> dict:
         "drafter_layers": drafter.num_layers if drafter else 0,
         "draft_vocab_size": drafter.meta.get("draft_vocab_size") if drafter else None,
         "device": args.device,
+        "prepacked_weights": isinstance(target_runner.linear, PrepackedLinear),
         "n_prompts": len(prompts),
         "max_new_tokens": args.max_new_tokens,
         "gamma": args.gamma,

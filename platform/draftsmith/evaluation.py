@@ -82,6 +82,7 @@ class EvalReport:
         return self.drafters[name][temperature]
 
     def speedup(self, name: str, temperature: float = 0.0) -> float:
+        """Speculative over autoregressive tokens/s; 0.0 where autoregressive decoding was not measured."""
         ar = self.autoregressive.get(temperature)
         return self.get(name, temperature).tok_s / ar.tok_s if ar and ar.tok_s else 0.0
 
@@ -124,7 +125,7 @@ class EvalReport:
             for t, m in by_t.items():
                 rows.append((name, temperature_label(t), f"{m.acceptance_rate:.3f}",
                              f"{m.token_acceptance:.3f}", f"{m.mean_accepted_length:.2f}", f"{m.tok_s:.1f}",
-                             f"{self.speedup(name, t):.2f}x",
+                             f"{self.speedup(name, t):.2f}x" if t in self.autoregressive else "-",
                              str(m.drafted), str(m.compared)))
         for t, m in self.autoregressive.items():
             rows.append((AUTOREGRESSIVE, temperature_label(t), "-", "-", "1.00", f"{m.tok_s:.1f}", "1.00x",

@@ -448,6 +448,7 @@ def split_target(runner: CausalLMRunner, devices: Sequence[str | torch.device]) 
                 if tensor is not None and tensor.device != device:
                     tensor.data = tensor.data.to(device)
     runner.layer_executor = executor
+    runner.linear = F.linear  # prepacked copies (llama.PrepackedLinear) are of the CPU weights that just moved
     return executor
 
 

@@ -644,9 +644,16 @@ def _hold_back(text: str, stops: Sequence[str]) -> str:
     return text
 
 
-def runner_for(model, drafter=None) -> CausalLMRunner:
-    """A runner over an HF model, or over a models.Drafter (with its trimmed head if it has one)."""
+def runner_for(model, drafter=None, *, prepack: bool = True) -> CausalLMRunner:
+    """An inference runner over an HF model, or over a models.Drafter (with its trimmed head if it has one).
+
+    On CPU its weights are prepacked (`CausalLMRunner.prepack`): multi-token verification then costs about
+    one single-token step. `prepack=False` keeps the plain dense path."""
     if drafter is not None:
-        return CausalLMRunner(drafter.model, head_token_ids=drafter.head_token_ids, head_weight=drafter.head_weight,
-                              feature_fc=drafter.feature_fc)
-    return CausalLMRunner(model)
+        runner = CausalLMRunner(drafter.model, head_token_ids=drafter.head_token_ids, head_weight=drafter.head_weight,
+                                feature_fc=drafter.feature_fc)
+    else:
+        runner = CausalLMRunner(model)
+    if prepack:
+        runner.prepack()
+    return runner

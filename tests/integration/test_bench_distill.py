@@ -34,6 +34,7 @@ def test_bench_distill_generate_train_evaluate_and_resume(capsys, tmp_path):
     assert first["layer_parallel_training"] == 2 and 0.0 <= first["final_top1_layer_parallel"] <= 1.0
     assert first["draft_vocab_size"] == 64 and (saved / "config.json").exists()
     assert 0.0 <= first["token_acceptance_after"] <= 1.0 and first["autoregressive_tok_s"] > 0
+    assert first["verify_cost_ratio"] > 0 and first["predicted_speedup_measured_v"] > 0
 
     # the same traffic, the saved drafter as the start, a budget already spent: no step, nothing lost
     second = _run(capsys, "--traffic-uri", traffic, "--reuse-traffic", "--init-drafter", str(saved),

@@ -358,3 +358,21 @@ def test_prompt_lookup_is_configurable_per_pair():
     assert engine.drafter is None and (engine.config.prompt_lookup_min, engine.config.prompt_lookup_max) == (1, 3)
     result = engine.generate([Request("r", [20, 21, 22, 20, 21, 22, 20, 21], SamplingParams(max_tokens=16))])[0]
     assert result.stats.lookup_drafted > 0 and result.stats.drafted == result.stats.lookup_drafted
+
+
+def test_weight_prepacking_is_configurable_per_pair():
+    """engine.prepack_weights (default on, CPU) reaches the target's and the drafter's runners."""
+    import torch
+    import torch.nn.functional as F
+
+    from draftsmith.llama import PrepackedLinear, can_prepack
+    from serve.spec_pair import SpecPairImpl
+
+    packs = can_prepack(torch.float32, "cpu")
+    for setting, expected in ((True, packs), (False, False)):
+        pair = SpecPairImpl({"target": "tiny", "drafter": "derived:0,1", "traffic": {"enabled": False},
+                             "engine": {"prepack_weights": setting}}, start=False)
+        engine = pair.loop.engine
+        for runner in (engine.target, engine.drafter):
+            assert isinstance(runner.linear, PrepackedLinear) is expected
+            assert (runner.linear is F.linear) is not expected

@@ -3,8 +3,10 @@
 import json
 
 import pytest
+import torch
 
 from draftsmith import bench_decode
+from draftsmith.llama import can_prepack
 
 REQUIRED = ["autoregressive_tok_s", "speculative_tok_s", "hf_generate_tok_s", "hf_assisted_tok_s",
             "hf_assisted_default_tok_s", "acceptance_rate", "token_acceptance", "mean_accepted_length",
@@ -20,6 +22,7 @@ def test_bench_decode_on_tiny_prints_one_json_line(capsys):
     report = json.loads(lines[-1])
     assert [key for key in REQUIRED if key not in report] == []
     assert report["greedy_mismatches"] == 0 and report["n_prompts"] == 2
+    assert report["prepacked_weights"] is can_prepack(torch.float32, "cpu")
     assert report["token_acceptance"] >= report["acceptance_rate"]
     assert 1.0 <= report["mean_accepted_length"] <= report["gamma"] + 1
     assert "tokens/s" in "\n".join(lines[:-1])  # the human-readable table comes first
@@ -35,9 +38,10 @@ def test_leviathan_expected_tokens_and_speedup():
 def test_bench_decode_measures_an_explicit_layer_parallel_plan(capsys):
     assert bench_decode.main(["--target", "tiny", "--drafter", "derived:0,1", "--n-prompts", "2", "--skip-hf",
                               "--max-new-tokens", "8", "--max-prompt-tokens", "32", "--batch-size", "2",
-                              "--layer-parallel-plan", "2"]) == 0
+                              "--layer-parallel-plan", "2", "--no-prepack"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["group_sizes"] == [2] and report["outputs_identical"]
+    assert report["prepacked_weights"] is False
     assert report["draft_speedup"] > 0 and 0.0 <= report["token_acceptance_layer_parallel"] <= 1.0
 
 
