@@ -186,7 +186,7 @@ class SpecPairImpl:
         self.tokenizer_hash = self.target.tokenizer_hash
         tokenizer = self.target.tokenizer
         e = cfg.engine
-        target_runner = runner_for(self.target.model, prepack=cfg.engine.prepack_weights)
+        target_runner = runner_for(self.target.model, prepack=e.prepack_weights)
         split_target(target_runner, e.layer_parallel_devices)  # a multi-device pair: split over the same devices
         engine = SpecEngine(
             target_runner, None,

@@ -84,7 +84,7 @@ class PrepackedLinear:
     """`F.linear` over oneDNN-prepacked copies of frozen CPU weights, the weights' dense copies otherwise.
 
     Why: on the CPU measured here the default GEMM (MKL through `F.linear`) takes 1.3-2x as long for 2 to
-    8 input rows as for one, so verifying gamma + 1 tokens of SmolLM2-135M cost 1.3-1.7 single-token steps;
+    8 input rows as for one, so verifying gamma + 1 tokens of SmolLM2-135M cost 1.2-2.1 single-token steps;
     oneDNN's matmul over a weight reordered once into its blocked layout costs about the same for 1 to 8
     rows, and its one-row product is itself faster (README, "CPU weight prepacking"). A packed copy is
     used only while its weight is the tensor it was packed from, unchanged (same storage, same in-place
