@@ -100,11 +100,16 @@ class PrepackedLinear:
                 # The weight itself is kept so that its id() cannot be reused by another tensor.
                 self._packed[id(weight)] = (weight, _weight_version(weight), packed)
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def packed_copy(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """The copy a call with `weight` runs on; None where it runs densely (never packed, or changed since)."""
         entry = self._packed.get(id(weight))
-        if entry is None or entry[1] != _weight_version(weight):
+        return entry[2] if entry is not None and entry[1] == _weight_version(weight) else None
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        packed = self.packed_copy(weight)
+        if packed is None:
             return F.linear(x, weight, bias)
-        return torch.ops.mkldnn._linear_pointwise(x, entry[2], bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
     def __len__(self) -> int:
         return len(self._packed)

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.skipif(not can_prepack(torch.float32, "cpu"),
 def test_prepacked_linear_matches_dense_for_any_row_count(shape):
     weight, bias = torch.randn(48, 32), torch.randn(48)
     linear = PrepackedLinear([weight], batch_hint=4)
+    assert linear.packed_copy(weight) is not None
     x = torch.randn(shape)
     torch.testing.assert_close(linear(x, weight, bias), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
     with torch.inference_mode():
@@ -27,12 +28,16 @@ def test_prepacked_linear_matches_dense_for_any_row_count(shape):
 def test_prepacked_linear_never_uses_a_stale_copy():
     weight, x = torch.randn(16, 8), torch.randn(3, 8)
     linear = PrepackedLinear([weight], batch_hint=4)
+    assert linear.packed_copy(weight) is not None
     with torch.no_grad():
         weight.mul_(2)  # trained in place after packing
+    assert linear.packed_copy(weight) is None
     torch.testing.assert_close(linear(x, weight), F.linear(x, weight))
     weight.data = torch.randn(16, 8)  # replaced (as a move to another device does)
+    assert linear.packed_copy(weight) is None
     torch.testing.assert_close(linear(x, weight), F.linear(x, weight))
     other = torch.randn(16, 8)  # never packed
+    assert linear.packed_copy(other) is None
     torch.testing.assert_close(linear(x, other), F.linear(x, other))
 
 
@@ -57,6 +62,8 @@ def test_prepacked_runner_matches_the_dense_runner():
         dense, packed = runner_for(model, drafter, prepack=False), runner_for(model, drafter)
         assert dense.linear is F.linear
         assert isinstance(packed.linear, PrepackedLinear) and len(packed.linear) == packed_weights
+        weights = [packed.head] + [w for lw in packed.layers for w in (lw.q, lw.k, lw.v, lw.o, lw.gate, lw.up, lw.down)]
+        assert all(packed.linear.packed_copy(w) is not None for w in weights)  # the forward below runs packed
         (dense_logits, dense_features), (logits, feats_out) = _forward(dense, ids, feats), _forward(packed, ids, feats)
         torch.testing.assert_close(logits, dense_logits, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(feats_out, dense_features, rtol=1e-4, atol=1e-4)
