@@ -50,6 +50,10 @@ class EngineSettings(_Section):
                                    "verifies the tokens that followed them instead of the drafter's, at no drafting "
                                    "cost; also speculates while no drafter is loaded. 0 = off.")
     prompt_lookup_min: int = Field(2, ge=1, le=16, description="Shortest n-gram prompt lookup matches.")
+    disable_speculation_at_batch: int = Field(0, ge=0, description="A decoding step with at least this many "
+                                              "running sequences decodes them autoregressively (vLLM's "
+                                              "speculative_disable_by_batch_size): verifying gamma + 1 tokens of "
+                                              "every row is compute-bound at large batches. 0 = never.")
     prepack_weights: bool = Field(True, description="On CPU, run target and drafter on oneDNN-prepacked copies of "
                                   "their weights: verifying gamma + 1 tokens then costs about one single-token step "
                                   "(dense: 1.2-2.1 measured here), at the memory of a second copy of the weights.")

@@ -192,7 +192,8 @@ class SpecPairImpl:
             target_runner, None,
             config=EngineConfig(num_speculative_tokens=e.num_speculative_tokens, max_batch_size=e.max_batch_size,
                                 max_model_len=e.max_model_len, topk_logprobs=e.topk_logprobs, seed=e.seed,
-                                prompt_lookup_max=e.prompt_lookup_max, prompt_lookup_min=e.prompt_lookup_min),
+                                prompt_lookup_max=e.prompt_lookup_max, prompt_lookup_min=e.prompt_lookup_min,
+                                disable_speculation_at_batch=e.disable_speculation_at_batch),
             eos_token_ids=self.target.eos_token_ids,
             decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
         )

@@ -81,11 +81,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_engine_option_arguments(parser: argparse.ArgumentParser) -> None:
-    """The speculative engine's options beside its drafter: prompt lookup."""
+    """The speculative engine's options beside its drafter: prompt lookup, speculation off for large batches."""
     parser.add_argument("--prompt-lookup-max", type=int, default=0, metavar="N",
                         help="rows whose last n tokens (min <= n <= N) occurred earlier draft what followed them "
                              "instead of the drafter's tokens (0 = off)")
     parser.add_argument("--prompt-lookup-min", type=int, default=2, metavar="N")
+    parser.add_argument("--disable-speculation-at-batch", type=int, default=0, metavar="N",
+                        help="a step decoding at least N sequences decodes them autoregressively (0 = never)")
 
 
 def engine_options(args: argparse.Namespace) -> dict:
@@ -93,6 +95,8 @@ def engine_options(args: argparse.Namespace) -> dict:
     options = {}
     if args.prompt_lookup_max:
         options.update(prompt_lookup_min=args.prompt_lookup_min, prompt_lookup_max=args.prompt_lookup_max)
+    if args.disable_speculation_at_batch:
+        options.update(disable_speculation_at_batch=args.disable_speculation_at_batch)
     EngineConfig(**options)
     return options
 
@@ -313,6 +317,7 @@ def run(args: argparse.Namespace) -> dict:
         "max_new_tokens": args.max_new_tokens,
         "gamma": args.gamma,
         "prompt_lookup": [args.prompt_lookup_min, args.prompt_lookup_max] if args.prompt_lookup_max else None,
+        "disable_speculation_at_batch": args.disable_speculation_at_batch or None,
         "batch_size": args.batch_size,
         "temperature": args.temperature,
         "output_tokens": paths["spec"].tokens,

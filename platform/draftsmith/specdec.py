@@ -7,7 +7,9 @@ per sequence (ragged: each sequence advances by its own accepted length) and rol
 by resetting lengths. `num_speculative_tokens=0` runs the same code as plain autoregressive decoding.
 With `prompt_lookup_max` set, a row whose context repeats its last n-gram verifies the tokens that
 followed the earlier occurrence instead of the drafter's (prompt_lookup.py); the drafter runs only for
-the rows without one, and without a drafter such rows decode one token.
+the rows without one, and without a drafter such rows decode one token. With
+`disable_speculation_at_batch` set, a step decoding at least that many sequences decodes them
+autoregressively.
 Every target forward also stores the target's final-normed hidden state per position (`target_features`,
 a slot store beside the KV cache with the same lengths): an EAGLE-style drafter (`feature_fc`) drafts
 from them instead of from tokens alone.
@@ -137,9 +139,16 @@ class EngineConfig:
     # beside a drafter and without one).
     prompt_lookup_max: int = 0
     prompt_lookup_min: int = 2
+    # > 0: a step that decodes at least this many sequences decodes them autoregressively (vLLM's
+    # speculative_disable_by_batch_size): verifying gamma + 1 tokens of every row of a large batch is
+    # compute-bound.
+    disable_speculation_at_batch: int = 0
 
     def __post_init__(self):
         check_lookup_range(self.prompt_lookup_min, self.prompt_lookup_max)
+        if self.disable_speculation_at_batch < 0:
+            raise ValueError("disable_speculation_at_batch must be >= 0 (0 = never), "
+                             f"got {self.disable_speculation_at_batch}")
 
 
 @dataclasses.dataclass
@@ -365,8 +374,10 @@ class SpecEngine:
         rows = self._rows(seqs)
         start = time.perf_counter()
         gammas_list = [self._step_gamma(s) for s in seqs]
+        if 0 < self.config.disable_speculation_at_batch <= len(seqs):
+            gammas_list = [0] * len(seqs)  # the drafter catches up from the target's tokens when it next drafts
         lookups = [[] for _ in seqs]
-        if self.config.prompt_lookup_max:
+        if self.config.prompt_lookup_max and any(gammas_list):
             lookups = [lookup_proposal(s.tokens, min_n=self.config.prompt_lookup_min, count=g,
                                        max_n=self.config.prompt_lookup_max) for s, g in zip(seqs, gammas_list)]
         # A row verifies its lookup when it has one; otherwise the drafter's tokens, or none without a drafter.

@@ -353,9 +353,11 @@ def test_prompt_lookup_is_configurable_per_pair():
     from serve.spec_pair import SpecPairImpl
 
     pair = SpecPairImpl({"target": "tiny", "drafter": None, "traffic": {"enabled": False},
-                         "engine": {"prompt_lookup_max": 3, "prompt_lookup_min": 1}}, start=False)
+                         "engine": {"prompt_lookup_max": 3, "prompt_lookup_min": 1,
+                                    "disable_speculation_at_batch": 4}}, start=False)
     engine = pair.loop.engine
     assert engine.drafter is None and (engine.config.prompt_lookup_min, engine.config.prompt_lookup_max) == (1, 3)
+    assert engine.config.disable_speculation_at_batch == 4
     result = engine.generate([Request("r", [20, 21, 22, 20, 21, 22, 20, 21], SamplingParams(max_tokens=16))])[0]
     assert result.stats.lookup_drafted > 0 and result.stats.drafted == result.stats.lookup_drafted
 

@@ -70,6 +70,7 @@ def test_bench_decode_reports_prompt_lookup_beside_the_drafter(capsys):
     out = capsys.readouterr().out.strip().splitlines()
     report = json.loads(out[-1])
     assert report["prompt_lookup"] == [1, 3] and report["greedy_mismatches"] == 0
+    assert report["disable_speculation_at_batch"] is None
     assert 0 < report["lookup_drafted_share"] <= 1 and 0 <= report["lookup_acceptance_rate"] <= 1
     assert any(line.startswith("prompt lookup (n-grams 1-3)") for line in out)
     with pytest.raises(SystemExit):
@@ -85,3 +86,12 @@ def test_bench_decode_speculates_by_prompt_lookup_alone(capsys):
     assert report["lookup_drafted_share"] == 1.0 and report["hf_assisted_tok_s"] is None
     with pytest.raises(SystemExit, match="add --prompt-lookup-max"):
         bench_decode.main(["--target", "tiny", "--drafter", "none"])
+
+
+def test_bench_decode_switches_speculation_off_at_a_batch_size(capsys):
+    assert bench_decode.main(["--target", "tiny", "--drafter", "derived:0", "--n-prompts", "2", "--skip-hf",
+                              "--max-new-tokens", "8", "--max-prompt-tokens", "32", "--batch-size", "2",
+                              "--disable-speculation-at-batch", "2"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["disable_speculation_at_batch"] == 2 and report["greedy_mismatches"] == 0
+    assert report["mean_accepted_length"] == 1.0  # both prompts decode together to the end: never speculated

@@ -120,6 +120,9 @@ def test_config_from_flat_strings_and_yaml(tmp_path):
     with pytest.raises(ValueError, match="layer_parallel_group_sizes"):
         ServeAppConfig(engine={"layer_parallel_group_sizes": [1, 0]})
     assert ServeAppConfig(engine={"prompt_lookup_max": 3}).engine.prompt_lookup_min == 2
+    assert ServeAppConfig().engine.disable_speculation_at_batch == 0
+    with pytest.raises(ValueError, match="disable_speculation_at_batch"):
+        ServeAppConfig(engine={"disable_speculation_at_batch": -1})
     with pytest.raises(ValueError, match=r"engine.prompt_lookup_min \(4\) must be <= engine.prompt_lookup_max \(3\)"):
         ServeAppConfig(engine={"prompt_lookup_max": 3, "prompt_lookup_min": 4})
 

@@ -328,3 +328,31 @@ def test_prompt_lookup_sampling_reproduces_the_target_distribution(target):
 def test_engine_config_checks_the_lookup_range():
     with pytest.raises(ValueError, match="prompt_lookup_min <= prompt_lookup_max"):
         EngineConfig(prompt_lookup_max=2, prompt_lookup_min=3)
+
+
+@pytest.mark.parametrize("drafter_name", ["layer0", "feature"])
+def test_speculation_switches_off_for_large_batches_and_back_on(target, drafters, drafter_name):
+    """disable_speculation_at_batch: steps with that many sequences decode autoregressively; once the batch
+    shrinks the drafter catches up from the target's tokens and speculates again, output unchanged."""
+    # Short and long requests: the batch of 4 shrinks to the long ones after the short ones finish.
+    lengths = [4, 4, 30, 30]
+    expected = [r.output_token_ids for r in engine(target, None, 0).generate(
+        [Request(str(i), p, SamplingParams(max_tokens=n)) for i, (p, n) in enumerate(zip(PROMPTS, lengths))])]
+
+    def run(threshold):
+        eng = engine(target, drafters[drafter_name], 3, batch=4, disable_speculation_at_batch=threshold)
+        return eng.generate([Request(str(i), p, SamplingParams(max_tokens=n))
+                             for i, (p, n) in enumerate(zip(PROMPTS, lengths))])
+
+    always, sometimes, never = run(0), run(3), run(1)
+    for got in (always, sometimes, never):
+        assert [r.output_token_ids for r in got] == expected
+    drafted = [sum(r.stats.drafted for r in got) for got in (always, sometimes, never)]
+    assert drafted[0] > drafted[1] > 0 and drafted[2] == 0
+    assert all(r.stats.steps == len(r.output_token_ids) - 1 for r in never)  # one token per step
+    assert sum(r.stats.drafted for r in sometimes[:2]) == 0  # the short ones only ever ran in a batch of >= 3
+
+
+def test_engine_config_refuses_a_negative_batch_threshold():
+    with pytest.raises(ValueError, match="disable_speculation_at_batch must be >= 0"):
+        EngineConfig(disable_speculation_at_batch=-1)
