@@ -64,7 +64,14 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from draftsmith.llama import CausalLMRunner, ForwardContext, KVCache, LayerWeights, rotate_half
+from draftsmith.llama import (
+    CausalLMRunner,
+    ForwardContext,
+    KVCache,
+    LayerWeights,
+    rotate_half,
+    weight_version,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +201,7 @@ def _weights_version(runner: CausalLMRunner) -> int:
         for field in dataclasses.fields(LayerWeights):
             t = getattr(lw, field.name)
             if t is not None:
-                total += t.data_ptr() + (0 if t.is_inference() else t._version)
+                total += sum(weight_version(t))
     return total
 
 

@@ -98,12 +98,12 @@ class PrepackedLinear:
             if id(weight) not in self._packed:
                 packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
                 # The weight itself is kept so that its id() cannot be reused by another tensor.
-                self._packed[id(weight)] = (weight, _weight_version(weight), packed)
+                self._packed[id(weight)] = (weight, weight_version(weight), packed)
 
     def packed_copy(self, weight: torch.Tensor) -> torch.Tensor | None:
         """The copy a call with `weight` runs on; None where it runs densely (never packed, or changed since)."""
         entry = self._packed.get(id(weight))
-        return entry[2] if entry is not None and entry[1] == _weight_version(weight) else None
+        return entry[2] if entry is not None and entry[1] == weight_version(weight) else None
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         packed = self.packed_copy(weight)
@@ -115,7 +115,7 @@ class PrepackedLinear:
         return len(self._packed)
 
 
-def _weight_version(weight: torch.Tensor) -> tuple[int, int]:
+def weight_version(weight: torch.Tensor) -> tuple[int, int]:
     """Storage address and in-place update count (inference tensors have no counter: they cannot be updated)."""
     return weight.data_ptr(), 0 if weight.is_inference() else weight._version
 
