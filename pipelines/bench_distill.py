@@ -47,6 +47,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=1000, help="train conversations (at most)")
     p.add_argument("--traffic-uri", help="reuse/extend this traffic log instead of a fresh temp one")
     p.add_argument("--reuse-traffic", action="store_true", help="skip step 1 if --traffic-uri has records")
+    p.add_argument("--user-turns", type=int, default=1,
+                   help="--traffic generate: answer each conversation's first N user turns (each with its history)")
     p.add_argument("--max-prompt-tokens", type=int, default=256)
     p.add_argument("--max-output-tokens", type=int, default=256)
     p.add_argument("--topk", type=int, default=8, help="target top-k logged per position")
@@ -101,6 +103,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(str(error))
     if args.max_train_minutes and not args.in_process:
         p.error("--max-train-minutes bounds the in-process loop: add --in-process (Ray Train runs --steps)")
+    if args.user_turns < 1:
+        p.error(f"--user-turns must be >= 1, got {args.user_turns}")
     if args.workers > 1 and args.in_process:
         p.error("--in-process trains in one process: drop it to use --workers > 1 (Ray Train)")
     # the plan layer-parallel-aware training uses: explicit group sizes, a group size, or None
@@ -120,7 +124,8 @@ def _conversations(source: str, n: int, seed: int) -> list:
     raise ValueError(f"unknown conversation source {source!r}: use sharegpt or jsonl:PATH")
 
 
-def make_traffic(args, target, traffic_uri: str) -> int:
+def make_traffic(args, target, traffic_uri: str) -> tuple[int, bool]:
+    """Backfill or generate the train traffic into `traffic_uri`: (records, whether they were reused)."""
     from draftsmith.traffic import scan_traffic
     from pipelines.backfill import backfill, generate_traffic
 
@@ -128,24 +133,18 @@ def make_traffic(args, target, traffic_uri: str) -> int:
         existing = scan_traffic(traffic_uri, target_id=target.model_id).table.num_rows
         if existing:
             logger.info("reusing %d records in %s", existing, traffic_uri)
-            return existing
+            return existing, True
     conversations = _conversations(args.source, args.n, args.seed)
     if args.traffic == "backfill":
         return backfill(target, conversations, traffic_uri, max_prompt_tokens=args.max_prompt_tokens,
                         max_output_tokens=args.max_output_tokens, topk=args.topk,
-                        batch_size=args.backfill_batch_size)
-    from draftsmith.datasets_io import first_prompt_messages
+                        batch_size=args.backfill_batch_size), False
+    from draftsmith.datasets_io import user_turn_prompts
 
-    def first_prompt(conversation):
-        if isinstance(conversation, dict):
-            return first_prompt_messages(conversation)
-        users = [i for i, m in enumerate(conversation) if m["role"] == "user"]
-        return conversation[: users[0] + 1] if users else []
-
-    prompts = [first_prompt(c) for c in conversations]
-    return generate_traffic(target, None, [p for p in prompts if p], traffic_uri,
+    prompts = [p for c in conversations for p in user_turn_prompts(c, args.user_turns)]
+    return generate_traffic(target, None, prompts, traffic_uri,
                             max_tokens=args.max_output_tokens, topk=args.topk,
-                            max_prompt_tokens=args.max_prompt_tokens, batch_size=args.backfill_batch_size)
+                            max_prompt_tokens=args.max_prompt_tokens, batch_size=args.backfill_batch_size), False
 
 
 def train_in_process(args, drafter, train_dataset, target) -> tuple[object, dict]:
@@ -256,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 target.model.config.num_hidden_layers)
 
     t0 = time.perf_counter()
-    records = make_traffic(args, target, traffic_uri)
+    records, reused = make_traffic(args, target, traffic_uri)
     traffic_seconds = time.perf_counter() - t0
     logger.info("%s: %d records in %.1f s", args.traffic, records, traffic_seconds)
     data = build_distill_dataset(traffic_uri, target_id=target.model_id, target_revision=target.revision,
@@ -318,7 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     verify_cost = measure_step_costs(runner_for(target.model), None, int(statistics.median(map(len, prompts))),
                                      args.gamma)["verify_cost_ratio"]
     result = {
-        "target": target.model_id, "device": args.device, "traffic": args.traffic, "records": records,
+        "target": target.model_id, "device": args.device, "traffic": args.traffic, "traffic_reused": reused,
+        "user_turns": args.user_turns if args.traffic == "generate" and not reused else None, "records": records,
         "train_records": len(data.train), "train_tokens": train_info["train_tokens"],
         "traffic_seconds": round(traffic_seconds, 2), "train_seconds": round(train_seconds, 2),
         "train_backend": f"ray_train({args.workers}x{args.strategy})" if use_ray else "in_process",

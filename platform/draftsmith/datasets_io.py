@@ -20,7 +20,7 @@ import logging
 import os
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,13 +211,27 @@ def to_chat_messages(conversation: dict | list, *, max_turns: int | None = None)
     return out
 
 
+def user_turn_prompts(conversation: dict | list, max_user_turns: int | None = None) -> list[Messages]:
+    """The prompts a conversation holds: for each of its first `max_user_turns` user turns (None: all),
+    the messages up to and including it, earlier assistant turns as logged.
+
+    `conversation` is a ShareGPT record (or its turns) or a list of chat messages (`role`/`content`).
+    Why: a multi-turn log gives several prompts per conversation, each with its own history, so a
+    budget of N conversations yields more (and more varied) traffic than their first turns alone.
+    """
+    if max_user_turns is not None and max_user_turns < 1:
+        raise ValueError(f"max_user_turns must be >= 1 (or None for all), got {max_user_turns}")
+    turns = _turns(conversation)
+    is_chat = bool(turns) and all(isinstance(m, Mapping) and "role" in m for m in turns)
+    msgs = [dict(m) for m in turns] if is_chat else to_chat_messages(conversation)
+    users = [i for i, m in enumerate(msgs) if m["role"] == "user"][:max_user_turns]
+    return [msgs[: i + 1] for i in users]
+
+
 def first_prompt_messages(conversation: dict | list) -> Messages:
     """The messages up to and including the first user turn (what a replay client sends); [] if none."""
-    msgs = to_chat_messages(conversation)
-    for i, m in enumerate(msgs):
-        if m["role"] == "user":
-            return msgs[: i + 1]
-    return []
+    prompts = user_turn_prompts(conversation, 1)
+    return prompts[0] if prompts else []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ spent time budget. Checks the JSON contract the issue names, not gains (the tiny
 import json
 
 import pytest
+from draftsmith.datasets_io import sharegpt_split, user_turn_prompts
 
 from pipelines import bench_distill
 
@@ -24,13 +25,18 @@ def _run(capsys, *argv) -> dict:
 
 def test_bench_distill_generate_train_evaluate_and_resume(capsys, tmp_path):
     traffic, saved = str(tmp_path / "traffic"), tmp_path / "drafter"
-    first = _run(capsys, "--traffic", "generate", "--n", "12", "--traffic-uri", traffic, "--max-prompt-tokens", "64",
+    # each conversation's first two user turns, each with its history, are answered
+    expected = sum(len(user_turn_prompts(c, 2)) for c in sharegpt_split("train", 12, 0))
+    assert expected > 12
+    first = _run(capsys, "--traffic", "generate", "--n", "12", "--user-turns", "2", "--traffic-uri", traffic,
+                 "--max-prompt-tokens", "64",
                  "--max-output-tokens", "16", "--backfill-batch-size", "4", "--layers", "first1+last1",
                  "--draft-vocab-size", "64", "--layer-parallel", "2", "--steps", "3", "--batch-size", "4",
                  "--save-drafter", str(saved))
     for key in REQUIRED:
         assert key in first, key
-    assert first["records"] == 12 and first["steps"] == 3 and first["train_tokens"] > 0
+    assert first["records"] == expected and first["user_turns"] == 2 and first["steps"] == 3
+    assert first["traffic_reused"] is False and first["train_tokens"] > 0
     assert first["layer_parallel_training"] == 2 and 0.0 <= first["final_top1_layer_parallel"] <= 1.0
     assert first["draft_vocab_size"] == 64 and (saved / "config.json").exists()
     assert 0.0 <= first["token_acceptance_after"] <= 1.0 and first["autoregressive_tok_s"] > 0
@@ -40,7 +46,8 @@ def test_bench_distill_generate_train_evaluate_and_resume(capsys, tmp_path):
     second = _run(capsys, "--traffic-uri", traffic, "--reuse-traffic", "--init-drafter", str(saved),
                   "--steps", "50", "--max-train-minutes", "1e-9", "--layer-parallel-plan", "1,1",
                   "--prompt-lookup-max", "3", "--prompt-lookup-min", "1")
-    assert second["records"] == 12 and second["steps"] == 0 and second["init_drafter"] == str(saved)
+    assert second["records"] == expected and second["steps"] == 0
+    assert second["traffic_reused"] is True and second["user_turns"] is None and second["init_drafter"] == str(saved)
     assert second["layer_parallel_training"] == [1, 1]
     assert second["token_acceptance_before"] == pytest.approx(second["token_acceptance_after"])
     assert second["token_acceptance_before"] == pytest.approx(first["token_acceptance_after"])
@@ -56,6 +63,8 @@ def test_bench_distill_refuses_a_time_budget_for_ray_train():
         bench_distill.parse_args(["--max-train-minutes", "5"])
     with pytest.raises(SystemExit):
         bench_distill.parse_args(["--prompt-lookup-max", "1", "--prompt-lookup-min", "2"])
+    with pytest.raises(SystemExit):
+        bench_distill.parse_args(["--user-turns", "0"])
 
 
 def test_bench_distill_refuses_a_malformed_plan():

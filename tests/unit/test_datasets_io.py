@@ -14,6 +14,7 @@ from draftsmith.datasets_io import (
     sharegpt_path,
     sharegpt_split,
     to_chat_messages,
+    user_turn_prompts,
 )
 
 
@@ -92,6 +93,25 @@ def test_chat_messages_conversion():
     assert to_chat_messages(conv["conversations"], max_turns=2) == msgs[:3]
     assert first_prompt_messages(conv) == msgs[:2]
     assert first_prompt_messages({"conversations": [{"from": "gpt", "value": "x"}]}) == []
+
+
+def test_user_turn_prompts_give_each_user_turn_with_its_history():
+    conv = {"id": "x", "conversations": [
+        {"from": "system", "value": "be nice"}, {"from": "human", "value": "q1"}, {"from": "gpt", "value": "a1"},
+        {"from": "bot?", "value": "skipped"}, {"from": "human", "value": "q2"}, {"from": "gpt", "value": "a2"},
+        {"from": "human", "value": "q3"},
+    ]}
+    msgs = to_chat_messages(conv)
+    prompts = user_turn_prompts(conv)
+    assert prompts == [msgs[:2], msgs[:4], msgs[:6]] and prompts[1][-1] == {"role": "user", "content": "q2"}
+    assert user_turn_prompts(conv, 2) == prompts[:2] and user_turn_prompts(conv["conversations"], 1) == prompts[:1]
+    # chat messages (an OpenAI-style JSONL log) work the same way
+    chat = [dict(m) for m in msgs]
+    assert user_turn_prompts(chat, 2) == prompts[:2]
+    assert first_prompt_messages(chat) == msgs[:2]
+    assert user_turn_prompts({"conversations": [{"from": "gpt", "value": "x"}]}) == []
+    with pytest.raises(ValueError, match="max_user_turns"):
+        user_turn_prompts(conv, 0)
 
 
 def test_load_prompt_source_sharegpt_uses_heldout_first_prompts():
