@@ -373,9 +373,10 @@ class SpecEngine:
         # Rows are the contiguous slots 0..n-1 minus the ones admitted this step, which sit at the end.
         rows = self._rows(seqs)
         start = time.perf_counter()
-        gammas_list = [self._step_gamma(s) for s in seqs]
         if 0 < self.config.disable_speculation_at_batch <= len(seqs):
             gammas_list = [0] * len(seqs)  # the drafter catches up from the target's tokens when it next drafts
+        else:
+            gammas_list = [self._step_gamma(s) for s in seqs]
         lookups = [[] for _ in seqs]
         if self.config.prompt_lookup_max and any(gammas_list):
             lookups = [lookup_proposal(s.tokens, min_n=self.config.prompt_lookup_min, count=g,
