@@ -7,8 +7,8 @@ time; halfway through the symlink is re-pointed to a second drafter, which the r
 without a restart. It samples the resident memory (RSS, psutil) of this process and of every Serve
 actor (replicas, controller, proxy) after a warm-up and at the end, then reads the traffic log back.
 It reports requests, errors, latency percentiles, the drafter versions seen, records lost or logged
-twice, and each process's memory growth: a readable table, then one JSON object as the last stdout
-line.
+twice (with the replica's and the logger's counters, to tell where a lost one went), and each
+process's memory growth: a readable table, then one JSON object as the last stdout line.
 
 What it does not do: inject faults (tests/integration/test_faults_*.py), judge the figures beyond
 the exit status (1 when a request failed or a completed request is missing from the log), or drive a
@@ -217,7 +217,8 @@ def run_soak(seconds: float, *, clients: int = 8, max_tokens: int = 24, target: 
         pool.shutdown()
         wall = time.monotonic() - started
 
-        httpx.post(base + "/draftsmith/flush", timeout=120).raise_for_status()
+        flushed = httpx.post(base + "/draftsmith/flush", timeout=120)
+        flushed.raise_for_status()
         scan = TrafficScan(table=TRAFFIC_SCHEMA.empty_table())
         logged = collections.Counter(r.request_id for r in read_traffic(traffic, scan=scan))
         status = httpx.get(base + "/draftsmith/status", timeout=60).json()
@@ -243,6 +244,12 @@ def run_soak(seconds: float, *, clients: int = 8, max_tokens: int = 24, target: 
         "duplicate_records": sum(1 for rid in load.ids if logged[rid] > 1),
         "skipped_files": len(scan.skipped),
         "undelivered_records": status.get("log_send_failures", 0) + status.get("log_released_unconfirmed", 0),
+        "lost_ids": sorted(rid for rid in load.ids if logged[rid] == 0)[:20],
+        # What the replica and the logger counted, to tell where a lost record went.
+        "pair_counts": {k: status.get(k) for k in ("requests", "errors", "logged_sent", "log_resent",
+                                                    "handoff_timeouts", "opted_out", "pending_records",
+                                                    "unconfirmed_records", "replica", "logger_instance")},
+        "logger_stats": flushed.json(),
         "memory_warmup_s": round(warmup, 1), "memory": memory,
         "max_rss_growth_mb": max(growths) if growths else None,
         "traffic_uri": str(traffic),

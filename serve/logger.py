@@ -96,10 +96,6 @@ class TrafficLoggerImpl:
         self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.duplicates_ignored = 0
 
-    def _add_all(self, records: list[TrafficRecord]) -> None:
-        for record in records:
-            self.writer.add(record)  # thread-safe; flushes by itself when N records are buffered
-
     async def log_batch(self, records: list[TrafficRecord]) -> dict[str, Any]:
         """Buffer `records`; the ack says which sequence number must become durable (see `durable`)."""
         fresh = []
@@ -111,13 +107,12 @@ class TrafficLoggerImpl:
             fresh.append(record)
         while len(self._seen) > _SEEN_LIMIT:
             self._seen.popitem(last=False)
-        records = fresh
-        self.received += len(records)
-        try:
-            await asyncio.to_thread(self._add_all, records)  # a flush writes Parquet: keep it off the loop
-        except Exception:  # noqa: BLE001  the records stay buffered; the next flush retries
-            self.failed_flushes += 1
-            logger.exception("traffic flush to %s failed; records stay buffered", self.writer.root)
+        self.received += len(fresh)
+        # Buffered before the first await: once an id is marked seen its record must be in the buffer,
+        # or a call cancelled at that await (its caller gave up) would leave a record that no retry can
+        # bring back, as the retry is ignored as a duplicate.
+        self.writer.buffer(fresh)
+        await self.maybe_flush()  # a flush writes Parquet: kept off the loop; a failed one keeps the records
         # Read after the adds: may include other batches' records, which only makes the wait conservative.
         return {"instance": self.instance, "seq": self.writer.records_added, "n": len(records),
                 "durable_through": self.writer.durable_through}

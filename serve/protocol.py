@@ -17,6 +17,7 @@ What it does not do: HTTP serving, tokenization, generation (app.py, spec_pair.p
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any, Literal
 
@@ -153,6 +154,32 @@ _UNION_TAGS = {"str", "int", "float", "bool", "list[int]", "list[str]", "list[Te
                "DraftsmithOptions", "StreamOptions"}
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
+
+
+def _lone_surrogate_at(value, path: str = "") -> str | None:
+    """The path of the first string (key or value) in parsed JSON that is not valid Unicode, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = _lone_surrogate_at(key, path) if isinstance(key, str) else None
+            if where is None:
+                where = _lone_surrogate_at(item, f"{path}.{key}" if path else str(key))
+            if where is not None:
+                return where
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            where = _lone_surrogate_at(item, f"{path}[{i}]")
+            if where is not None:
+                return where
+    return None
+
+
 def parse_request(body: bytes, model_cls: type[_CommonRequest]) -> _CommonRequest:
     """Raw body -> request model, or ProtocolError (400 encoding/JSON, 422 schema) saying what is wrong."""
     try:
@@ -170,6 +197,16 @@ def parse_request(body: bytes, model_cls: type[_CommonRequest]) -> _CommonReques
     if not isinstance(data, dict):
         raise ProtocolError(400, f"The request body must be a JSON object, got {type(data).__name__}.",
                             code="invalid_json")
+    # Strict UTF-8 decoding admits no surrogate, so only a \uD800-\uDFFF escape can bring one in: the walk
+    # runs only for bodies that hold such an escape (emoji from ensure_ascii clients, as valid pairs).
+    where = _lone_surrogate_at(data) if _SURROGATE_ESCAPE.search(text) else None
+    if where is not None:
+        # JSON lets "\ud800" through, but it is no character: the tokenizer and the traffic log's
+        # Parquet writer both refuse it, so it is refused here, with where it is.
+        raise ProtocolError(400, f"The request holds a lone UTF-16 surrogate escape at "
+                                 f"{where or 'the top level'}: it is not a Unicode character (write characters "
+                                 "outside the BMP as a surrogate pair, or as UTF-8).", param=where or None,
+                            code="invalid_encoding")
     try:
         return model_cls.model_validate(data)
     except ValidationError as error:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import logging
 import queue
 import threading
@@ -414,7 +415,11 @@ class SpecPairImpl:
     def _ensure_sender(self) -> None:
         if self._sender is None and self.traffic_logger is not None:
             self._send_wake, self._send_lock = asyncio.Event(), asyncio.Lock()
-            self._sender = asyncio.get_running_loop().create_task(self._send_forever())
+            # A context of its own: created inside a request, the task would carry that request's Serve
+            # context, and Serve cancels the logger calls made under a request id when that request ends
+            # (an SSE stream's handle is cancelled once its last chunk is out), which killed the sender.
+            self._sender = asyncio.get_running_loop().create_task(self._send_forever(),
+                                                                  context=contextvars.Context())
             self._sender.add_done_callback(self._sender_ended)
 
     def _sender_ended(self, task: asyncio.Task) -> None:
@@ -426,8 +431,9 @@ class SpecPairImpl:
         """One call to the logger, bounded: a call that never answers must not stall the sender."""
         response = getattr(self.traffic_logger, method).remote(*args)
         try:
-            return await asyncio.wait_for(_await(response), self.cfg.traffic.logger_call_timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.cfg.traffic.logger_call_timeout_s):
+                return await _await(response)
+        except TimeoutError:
             response.cancel()
             raise TimeoutError(f"traffic logger {method} did not answer in "
                                f"{self.cfg.traffic.logger_call_timeout_s} s") from None
@@ -438,17 +444,21 @@ class SpecPairImpl:
         if future is None:
             return
         try:
-            await asyncio.wait_for(asyncio.shield(future), self.cfg.traffic.handoff_timeout_s)
-        except asyncio.TimeoutError:  # the logger is restarting: answer anyway, the record stays queued
+            async with asyncio.timeout(self.cfg.traffic.handoff_timeout_s):
+                await asyncio.shield(future)
+        except TimeoutError:  # the logger is restarting: answer anyway, the record stays queued
             self.counts["handoff_timeouts"] += 1
             self._handoff.pop(request_id, None)
 
     async def _send_forever(self) -> None:
         interval = self.cfg.traffic.send_interval_seconds
         while True:
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancellation that lands
+            # as the wait completes, and the sender must stop when its loop shuts down.
             try:
-                await asyncio.wait_for(self._send_wake.wait(), timeout=interval)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(interval):
+                    await self._send_wake.wait()
+            except TimeoutError:
                 pass
             self._send_wake.clear()
             try:
@@ -551,9 +561,12 @@ class SpecPairImpl:
         if self.traffic_logger is None:
             return {}
         self._ensure_sender()
-        await self._send_pending()
-        stats = await self._call_logger("flush")
-        self._settle(stats["instance"], stats["durable_through"])
+        for _ in range(3):  # a replaced logger is found out by the flush: send it what the old one held
+            await self._send_pending()
+            stats = await self._call_logger("flush")
+            self._settle(stats["instance"], stats["durable_through"])
+            if not self._resend:
+                break
         return {**stats, "pending_records": len(self._pending),
                 "unconfirmed_records": self._unconfirmed_count}
 

@@ -184,7 +184,9 @@ def _partition_dir(created_at: dt.datetime) -> str:
 # ---------------------------------------------------------------------------------------------
 # writing
 
-_CONVERSION_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError)
+# UnicodeEncodeError: a str holding a lone surrogate (which JSON's \ud800 escape can produce) cannot be
+# written as Arrow UTF-8; without it here one such record would fail every flush and stall the whole log.
+_CONVERSION_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError, UnicodeEncodeError)
 
 
 def _validated_table(rows: list[dict]) -> pa.Table:
@@ -225,15 +227,16 @@ class TrafficWriter:
         self._clock = clock
         self._last_flush = clock()
         self._buffer: list[TrafficRecord] = []
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the buffer and counters
+        self._flush_lock = threading.Lock()  # one flush at a time (durable_through relies on it)
         self._closed = False
         self.records_written = 0
         self.files_written = 0
         self.records_dropped = 0
         # Durability bookkeeping for callers that acknowledge records only once they are on storage
         # (the Serve logger): every record added gets the next sequence number, and after a flush that
-        # leaves nothing buffered every record numbered <= `durable_through` is written (or dropped as
-        # not fitting the schema, which no retry would fix).
+        # wrote all it took every record numbered <= `durable_through` is written (or dropped as not
+        # fitting the schema, which no retry would fix).
         self.records_added = 0
         self.durable_through = 0
 
@@ -247,12 +250,17 @@ class TrafficWriter:
 
     def add(self, record: TrafficRecord) -> int:
         """Buffer one record; returns the number of records flushed as a result (usually 0)."""
+        self.buffer([record])
+        return self.maybe_flush()
+
+    def buffer(self, records: list[TrafficRecord]) -> None:
+        """Buffer `records` without writing anything (cheap, never fails on storage); a later
+        `maybe_flush` or `flush` writes them. All are buffered even if that flush then fails."""
         if self._closed:
             raise RuntimeError(f"TrafficWriter for {self.root} is closed")
         with self._lock:
-            self._buffer.append(record)
-            self.records_added += 1
-        return self.maybe_flush()
+            self._buffer.extend(records)
+            self.records_added += len(records)
 
     def maybe_flush(self) -> int:
         """Flush if the record count or the time since the last flush reached its threshold."""
@@ -268,10 +276,12 @@ class TrafficWriter:
         If a write fails, the records of the partitions not yet written stay
         buffered and the error propagates.
         """
-        with self._lock:
-            added = self.records_added
+        with self._flush_lock:
+            with self._lock:  # held only to take the buffer: adds go on while the files are written
+                taken, self._buffer = self._buffer, []
+                added = self.records_added
             groups: dict[str, list[TrafficRecord]] = defaultdict(list)
-            for rec in self._buffer:
+            for rec in taken:
                 groups[_partition_dir(rec.created_at)].append(rec)
             written = 0
             try:
@@ -279,10 +289,13 @@ class TrafficWriter:
                     written += self._write_file(part, records)
                     del groups[part]
             finally:
-                self._buffer = [r for recs in groups.values() for r in recs]
-                self.records_written += written
-                self._last_flush = self._clock()
-                if not self._buffer:
+                unwritten = [r for recs in groups.values() for r in recs]
+                with self._lock:
+                    self._buffer[:0] = unwritten  # older than anything added meanwhile
+                    self.records_written += written
+                    self._last_flush = self._clock()
+                # Flushes are serialized: every record numbered <= `added` was in `taken` or written before.
+                if not unwritten:
                     self.durable_through = added
             return written
 

@@ -26,7 +26,10 @@ def test_short_soak_with_a_drafter_swap(ray_cluster, tmp_path):
     assert report["errors"] == 0, report["error_samples"]
     assert report["completed"] >= 40
     assert report["swapped"], report["drafter_versions"]
-    assert report["lost_records"] == 0 and report["duplicate_records"] == 0 and report["skipped_files"] == 0
+    where = {k: report[k] for k in ("lost_ids", "pair_counts", "logger_stats")}  # where a lost record went
+    assert report["lost_records"] == 0 and report["duplicate_records"] == 0 and report["skipped_files"] == 0, where
+    stats = report["logger_stats"]
+    assert stats["received"] == stats["written"] and stats["dropped"] == stats["failed_flushes"] == 0, stats
     assert report["undelivered_records"] == 0
     assert report["latency_p99_ms"] is not None and report["latency_p99_ms"] < 60_000
     names = set(report["memory"])

@@ -134,6 +134,9 @@ def test_openai_client(app):
 BAD = [
     ("malformed JSON", "/v1/completions", b'{"model": "draftsmith", "prompt": ', 400, "not valid JSON"),
     ("invalid UTF-8", "/v1/completions", b'{"model": "draftsmith", "prompt": "\xff\xfe"}', 400, "UTF-8"),
+    ("lone surrogate", "/v1/completions", b'{"model": "draftsmith", "prompt": "a\\ud800"}', 400, "surrogate"),
+    ("lone surrogate in user", "/v1/completions",
+     b'{"model": "draftsmith", "prompt": [1], "user": "\\udc00"}', 400, "surrogate"),
     ("missing prompt", "/v1/completions", {"model": MODEL}, 422, "prompt"),
     ("missing messages", "/v1/chat/completions", {"model": MODEL}, 422, "messages"),
     ("wrong type", "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": "ten"}, 422, "max_tokens"),
@@ -360,6 +363,88 @@ def test_prompt_lookup_is_configurable_per_pair():
     assert engine.config.disable_speculation_at_batch == 4
     result = engine.generate([Request("r", [20, 21, 22, 20, 21, 22, 20, 21], SamplingParams(max_tokens=16))])[0]
     assert result.stats.lookup_drafted > 0 and result.stats.drafted == result.stats.lookup_drafted
+
+
+def test_traffic_sender_calls_the_logger_outside_the_request_that_started_it():
+    """Serve cancels the handle calls made under a request id when that request ends (an SSE stream's
+    handle is cancelled after its last chunk): the sender, started by some request, must not call the
+    logger under that request's id, or a record in flight is cancelled with it."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from ray.serve.context import _get_serve_request_context, _set_request_context
+
+    from serve.spec_pair import SpecPairImpl
+
+    calls = []
+
+    class Method:
+        def __init__(self, name):
+            self.name = name
+
+        def remote(self, *args):
+            calls.append((self.name, _get_serve_request_context().request_id))
+            answer = asyncio.get_running_loop().create_future()
+            answer.set_result({"instance": "logger-1", "seq": 1, "durable_through": 1})
+            return answer
+
+    logger = SimpleNamespace(log_batch=Method("log_batch"), durable=Method("durable"), flush=Method("flush"))
+    pair = SpecPairImpl({"target": "tiny", "drafter": None, "traffic": {"send_interval_seconds": 0.05}}, logger,
+                        start=False)
+
+    async def a_request_that_starts_the_sender():
+        _set_request_context(request_id="the-first-request")
+        pair._ensure_sender()
+        pair._pending.append(SimpleNamespace(request_id="r1"))
+        pair._send_wake.set()
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if not pair._pending:
+                break
+        return await pair.flush_traffic()
+
+    flushed = asyncio.run(a_request_that_starts_the_sender())
+    assert flushed["pending_records"] == 0 and flushed["instance"] == "logger-1"
+    sent = [request_id for name, request_id in calls if name == "log_batch"]
+    assert sent == [""], calls  # sent once, by the sender, under no request id
+    assert ("flush", "the-first-request") in calls  # the flush belongs to the request that asked for it
+
+
+def test_flush_resends_what_a_replaced_logger_held_before_it_returns():
+    """A logger replaced since the last send is found out by the flush call itself: the records the
+    old instance had not written go to the new one, and are flushed, before the flush returns."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from serve.spec_pair import SpecPairImpl
+
+    state = {"instance": "old-logger", "received": []}
+
+    def answer(name, *args):
+        if name == "log_batch":
+            state["received"] += [(state["instance"], r.request_id) for r in args[0]]
+        durable = 0 if state["instance"] == "old-logger" else len(state["received"])  # the old one never wrote
+        future = asyncio.get_running_loop().create_future()
+        future.set_result({"instance": state["instance"], "seq": len(state["received"]), "durable_through": durable})
+        return future
+
+    logger = SimpleNamespace(**{name: SimpleNamespace(remote=lambda *a, name=name: answer(name, *a))
+                                for name in ("log_batch", "durable", "flush")})
+    pair = SpecPairImpl({"target": "tiny", "drafter": None, "traffic": {"send_interval_seconds": 60}}, logger,
+                        start=False)
+
+    async def scenario():
+        pair._ensure_sender()
+        pair._pending.append(SimpleNamespace(request_id="r1"))
+        await pair._send_pending()
+        state["instance"] = "new-logger"  # killed and replaced by Serve: r1 was in its buffer only
+        flushed = await pair.flush_traffic()
+        return flushed, list(state["received"])  # what the loggers had when the flush returned
+
+    flushed, received = asyncio.run(scenario())
+    assert received == [("old-logger", "r1"), ("new-logger", "r1")]
+    assert flushed["instance"] == "new-logger" and flushed["unconfirmed_records"] == 0
+    assert flushed["pending_records"] == 0 and pair.counts["log_resent"] == 1
 
 
 def test_weight_prepacking_is_configurable_per_pair():

@@ -45,6 +45,9 @@ def test_extension_and_stop_forms():
     (b"", 400, "empty"),
     (b"[1, 2]", 400, "JSON object"),
     (b'{"model": "draftsmith", "prompt": "\xff\xfe"}', 400, "UTF-8"),
+    (b'{"model": "draftsmith", "prompt": "a\\ud800b"}', 400, "lone UTF-16 surrogate escape at prompt"),
+    (b'{"model": "draftsmith", "prompt": [1, 2], "user": "\\udfff"}', 400, "surrogate escape at user"),
+    (b'{"model": "draftsmith", "prompt": "x", "stop": ["ok", "\\ude00\\ud83d"]}', 400, "at stop[1]"),
     (_body(), 422, "prompt: required field is missing"),
     (b'{"prompt": "x"}', 422, "model: required field is missing"),
     (_body(prompt="x", max_tokens="ten"), 422, "max_tokens"),
@@ -66,6 +69,15 @@ def test_bad_completion_requests(body, status, fragment):
     assert fragment in error.message, error.message
     payload = error.body()["error"]
     assert set(payload) == {"message", "type", "param", "code"} and payload["type"] == "invalid_request_error"
+
+
+def test_surrogate_pairs_are_characters_and_pass():
+    emoji = parse_request(b'{"model": "draftsmith", "prompt": "smile \\ud83d\\ude00"}', CompletionRequest)
+    assert emoji.prompt == "smile \U0001F600"
+    with pytest.raises(ProtocolError) as caught:
+        parse_request(b'{"model": "draftsmith", "messages": [{"role": "user", "content": "\\ud83d"}]}',
+                      ChatCompletionRequest)
+    assert caught.value.status == 400 and caught.value.param == "messages[0].content"
 
 
 def test_bad_chat_requests_name_the_field():

@@ -1,8 +1,11 @@
 """The traffic log: schema round trip, atomic files, flush policy, bad files, filters, retention."""
 
+import asyncio
 import datetime as dt
 import logging
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow.parquet as pq
 import pytest
@@ -145,10 +148,13 @@ def test_record_that_does_not_fit_schema_is_dropped_not_blocking(tmp_path, caplo
     w = TrafficWriter(tmp_path)
     w.add(make_record(0))
     w.add(make_record(1, target_id=None))  # required column
+    w.add(make_record(2, user="\ud800"))  # a lone surrogate (JSON "\\ud800") is no UTF-8 string
+    w.add(make_record(3))
     with caplog.at_level(logging.ERROR):
-        assert w.flush() == 1
-    assert w.records_dropped == 1 and "req-1" in caplog.text
-    assert read_traffic_table(tmp_path).column("request_id").to_pylist() == ["req-0"]
+        assert w.flush() == 2
+    assert w.records_dropped == 2 and "req-1" in caplog.text and "req-2" in caplog.text
+    assert w.records_buffered == 0
+    assert read_traffic_table(tmp_path).column("request_id").to_pylist() == ["req-0", "req-3"]
 
 
 def test_corrupt_and_truncated_files_are_skipped_and_reported(tmp_path, caplog):
@@ -276,3 +282,72 @@ def test_file_is_written_under_hidden_temp_name_then_moved(tmp_path):
     assert os.path.dirname(src) == os.path.dirname(dest)
     assert os.path.basename(src) == "." + os.path.basename(dest) + ".tmp"
     assert [os.path.basename(p) for p in visible_files(tmp_path)] == [os.path.basename(dest)]
+
+
+def test_a_failed_flush_keeps_its_records_in_order_and_adds_go_on_while_a_file_is_written(tmp_path, monkeypatch):
+    w = TrafficWriter(tmp_path)
+    w.add(make_record(0))
+    w.add(make_record(1, created_at=T0 + dt.timedelta(hours=1)))  # a second partition, a second file
+    real_write = w._write_file
+    writing, release = threading.Event(), threading.Event()
+
+    def write_then_fail_the_second(part, records):
+        if part.endswith("hour=11"):
+            raise OSError("disk full")
+        writing.set()
+        assert release.wait(10)
+        return real_write(part, records)
+
+    monkeypatch.setattr(w, "_write_file", write_then_fail_the_second)
+    failures = []
+
+    def flush_and_keep_the_error():
+        try:
+            w.flush()
+        except OSError as error:
+            failures.append(error)
+
+    flushing = threading.Thread(target=flush_and_keep_the_error)
+    flushing.start()
+    assert writing.wait(10)
+    adding = threading.Thread(target=w.buffer, args=([make_record(2)],))
+    adding.start()
+    adding.join(5)
+    assert not adding.is_alive()  # buffering does not wait for the file being written
+    release.set()
+    flushing.join(10)
+    assert [str(e) for e in failures] == ["disk full"]
+    assert w.records_written == 1 and w.durable_through == 0  # req-1 failed: nothing is durable yet
+    assert w.records_buffered == 2 and w.records_added == 3
+    monkeypatch.setattr(w, "_write_file", real_write)
+    assert w.flush() == 2 and w.durable_through == 3
+    assert sorted(read_traffic_table(tmp_path).column("request_id").to_pylist()) == ["req-0", "req-1", "req-2"]
+
+
+def test_a_cancelled_log_batch_keeps_its_records(tmp_path):
+    """The logger marks a request id seen and buffers its record before its first await: a call
+    cancelled there (Serve cancels it when the caller's request ends) must not lose the record to the
+    retry, which is ignored as a duplicate."""
+    from serve.logger import TrafficLoggerImpl
+
+    async def scenario() -> TrafficLoggerImpl:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(1))
+        gate = threading.Event()
+        busy = loop.run_in_executor(None, gate.wait)  # the only worker thread is taken: to_thread queues
+        logger = TrafficLoggerImpl(str(tmp_path), flush_every_records=1)
+        call = asyncio.create_task(logger.log_batch([make_record(0)]))
+        await asyncio.sleep(0.05)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        gate.set()
+        await busy
+        retry = await logger.log_batch([make_record(0)])  # the replica resends the unacknowledged batch
+        assert retry["n"] == 1 and logger.duplicates_ignored == 1
+        await logger.flush()
+        return logger
+
+    logger = asyncio.run(scenario())
+    assert logger.received == 1 and logger.writer.records_written == 1
+    assert read_traffic_table(tmp_path).column("request_id").to_pylist() == ["req-0"]
