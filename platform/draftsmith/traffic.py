@@ -227,6 +227,7 @@ class TrafficWriter:
         self._clock = clock
         self._last_flush = clock()
         self._buffer: list[TrafficRecord] = []
+        self._being_written = 0  # records a flush has taken from the buffer and not finished writing
         self._lock = threading.Lock()  # guards the buffer and counters
         self._flush_lock = threading.Lock()  # one flush at a time (durable_through relies on it)
         self._closed = False
@@ -242,7 +243,8 @@ class TrafficWriter:
 
     @property
     def records_buffered(self) -> int:
-        return len(self._buffer)
+        """Records added and not yet written (those a flush is writing right now included)."""
+        return len(self._buffer) + self._being_written
 
     @property
     def seconds_since_flush(self) -> float:
@@ -280,6 +282,7 @@ class TrafficWriter:
             with self._lock:  # held only to take the buffer: adds go on while the files are written
                 taken, self._buffer = self._buffer, []
                 added = self.records_added
+                self._being_written = len(taken)
             groups: dict[str, list[TrafficRecord]] = defaultdict(list)
             for rec in taken:
                 groups[_partition_dir(rec.created_at)].append(rec)
@@ -292,6 +295,7 @@ class TrafficWriter:
                 unwritten = [r for recs in groups.values() for r in recs]
                 with self._lock:
                     self._buffer[:0] = unwritten  # older than anything added meanwhile
+                    self._being_written = 0
                     self.records_written += written
                     self._last_flush = self._clock()
                 # Flushes are serialized: every record numbered <= `added` was in `taken` or written before.

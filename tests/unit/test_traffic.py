@@ -314,6 +314,7 @@ def test_a_failed_flush_keeps_its_records_in_order_and_adds_go_on_while_a_file_i
     adding.start()
     adding.join(5)
     assert not adding.is_alive()  # buffering does not wait for the file being written
+    assert w.records_buffered == 3  # the two being written count as unwritten until they are
     release.set()
     flushing.join(10)
     assert [str(e) for e in failures] == ["disk full"]
