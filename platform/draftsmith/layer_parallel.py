@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import inspect
 import logging
 import statistics
 import time
@@ -483,8 +484,10 @@ def training_forward(drafter_model, input_ids: torch.Tensor, *, plan: LayerPlan 
     base = drafter_model.model
     h = base.embed_tokens(input_ids)
     position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+    # No cache either way; transformers renamed the argument (`past_key_values` -> `cache`) within 5.x.
+    no_cache = {"cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values": None}
     mask = create_causal_mask(config=base.config, inputs_embeds=h, attention_mask=attention_mask,
-                              past_key_values=None, position_ids=position_ids)
+                              position_ids=position_ids, **no_cache)
     rope = base.rotary_emb(h, position_ids=position_ids)
     layers = base.layers[: base.config.num_hidden_layers]
     for group in as_plan(plan, len(layers)).groups:
