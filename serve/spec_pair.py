@@ -167,10 +167,6 @@ class _Metrics:
                                       "logger died before writing them.", tag_keys=("model",))
 
 
-async def _await(response):
-    return await response
-
-
 class SpecPairImpl:
     """The replica's logic, usable without Ray (unit tests construct it directly)."""
 
@@ -432,7 +428,7 @@ class SpecPairImpl:
         response = getattr(self.traffic_logger, method).remote(*args)
         try:
             async with asyncio.timeout(self.cfg.traffic.logger_call_timeout_s):
-                return await _await(response)
+                return await response
         except TimeoutError:
             response.cancel()
             raise TimeoutError(f"traffic logger {method} did not answer in "

@@ -365,6 +365,21 @@ def test_prompt_lookup_is_configurable_per_pair():
     assert result.stats.lookup_drafted > 0 and result.stats.drafted == result.stats.lookup_drafted
 
 
+def _fake_traffic_logger(answer):
+    """A stand-in for the TrafficLogger handle: `.log_batch/.durable/.flush.remote(*args)` return an
+    already-resolved future holding `answer(method name, args)`."""
+    import asyncio
+    from types import SimpleNamespace
+
+    def remote(name, *args):
+        future = asyncio.get_running_loop().create_future()
+        future.set_result(answer(name, args))
+        return future
+
+    return SimpleNamespace(**{name: SimpleNamespace(remote=lambda *args, name=name: remote(name, *args))
+                              for name in ("log_batch", "durable", "flush")})
+
+
 def test_traffic_sender_calls_the_logger_outside_the_request_that_started_it():
     """Serve cancels the handle calls made under a request id when that request ends (an SSE stream's
     handle is cancelled after its last chunk): the sender, started by some request, must not call the
@@ -378,19 +393,12 @@ def test_traffic_sender_calls_the_logger_outside_the_request_that_started_it():
 
     calls = []
 
-    class Method:
-        def __init__(self, name):
-            self.name = name
+    def answer(name, args):
+        calls.append((name, _get_serve_request_context().request_id))
+        return {"instance": "logger-1", "seq": 1, "durable_through": 1}
 
-        def remote(self, *args):
-            calls.append((self.name, _get_serve_request_context().request_id))
-            answer = asyncio.get_running_loop().create_future()
-            answer.set_result({"instance": "logger-1", "seq": 1, "durable_through": 1})
-            return answer
-
-    logger = SimpleNamespace(log_batch=Method("log_batch"), durable=Method("durable"), flush=Method("flush"))
-    pair = SpecPairImpl({"target": "tiny", "drafter": None, "traffic": {"send_interval_seconds": 0.05}}, logger,
-                        start=False)
+    pair = SpecPairImpl({"target": "tiny", "drafter": None, "traffic": {"send_interval_seconds": 0.05}},
+                        _fake_traffic_logger(answer), start=False)
 
     async def a_request_that_starts_the_sender():
         _set_request_context(request_id="the-first-request")
@@ -420,18 +428,14 @@ def test_flush_resends_what_a_replaced_logger_held_before_it_returns():
 
     state = {"instance": "old-logger", "received": []}
 
-    def answer(name, *args):
+    def answer(name, args):
         if name == "log_batch":
             state["received"] += [(state["instance"], r.request_id) for r in args[0]]
         durable = 0 if state["instance"] == "old-logger" else len(state["received"])  # the old one never wrote
-        future = asyncio.get_running_loop().create_future()
-        future.set_result({"instance": state["instance"], "seq": len(state["received"]), "durable_through": durable})
-        return future
+        return {"instance": state["instance"], "seq": len(state["received"]), "durable_through": durable}
 
-    logger = SimpleNamespace(**{name: SimpleNamespace(remote=lambda *a, name=name: answer(name, *a))
-                                for name in ("log_batch", "durable", "flush")})
-    pair = SpecPairImpl({"target": "tiny", "drafter": None, "traffic": {"send_interval_seconds": 60}}, logger,
-                        start=False)
+    pair = SpecPairImpl({"target": "tiny", "drafter": None, "traffic": {"send_interval_seconds": 60}},
+                        _fake_traffic_logger(answer), start=False)
 
     async def scenario():
         pair._ensure_sender()
