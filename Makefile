@@ -6,7 +6,7 @@ STAMP := $(VENV)/.draftsmith-installed
 # CPU build of torch; GPU clusters install their own CUDA build before the project.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup demo test test-unit test-integration bench clean down
+.PHONY: setup demo test test-unit test-integration bench docs docs-check clean down
 
 setup: $(STAMP)
 
@@ -28,8 +28,18 @@ test: setup
 test-unit: setup
 	$(BIN)/python -m pytest -q -ra tests/unit
 
+test-integration: setup
+	$(BIN)/python -m pytest -q -ra tests/integration
+
 bench: setup
 	$(BIN)/draftsmith bench decode
+
+# docs/configuration.md is rendered from the config models' field descriptions (tests/unit/test_docs.py).
+docs: setup
+	$(BIN)/python docs/render_configuration.py
+
+docs-check: setup
+	$(BIN)/python docs/render_configuration.py --check
 
 down: setup
 	$(BIN)/draftsmith down
