@@ -24,6 +24,7 @@ import time
 import httpx
 from tqdm import tqdm
 
+from draftsmith.engine_config import EngineConfig
 from draftsmith.ports import free_port
 
 logger = logging.getLogger(__name__)
@@ -150,6 +151,12 @@ def _prompts(args, tokenizer) -> list:
     return kept
 
 
+def _engine_config(args, batch: int) -> EngineConfig:
+    """The engine settings of both the served app and the in-process engine, so the two compare."""
+    return EngineConfig(num_speculative_tokens=args.gamma, max_batch_size=batch,
+                        max_model_len=args.max_prompt_tokens + args.max_tokens + 64)
+
+
 def _engine_tok_s(args, prompts: list, batched_prompts: list) -> dict:
     """The engine alone, in this process: one request at a time (what one HTTP client gets at best), and
     `batched_prompts` all submitted at once with max_batch_size = concurrency (what N clients get at best)."""
@@ -157,7 +164,7 @@ def _engine_tok_s(args, prompts: list, batched_prompts: list) -> dict:
 
     from draftsmith import models
     from draftsmith.sampling import SamplingParams
-    from draftsmith.specdec import EngineConfig, Request, SpecEngine, runner_for
+    from draftsmith.specdec import Request, SpecEngine, runner_for
     from serve.drafter_source import make_source
 
     torch.set_num_threads(args.torch_threads)
@@ -165,11 +172,12 @@ def _engine_tok_s(args, prompts: list, batched_prompts: list) -> dict:
     source = make_source(args.drafter)
     drafter = source.current().load(target) if source else None
     tok = target.tokenizer
+
     def engine(batch: int) -> SpecEngine:
-        return SpecEngine(runner_for(target.model), drafter and runner_for(None, drafter),
-                          config=EngineConfig(num_speculative_tokens=args.gamma, max_batch_size=batch,
-                                              max_model_len=args.max_prompt_tokens + args.max_tokens + args.gamma + 8),
-                          eos_token_ids=target.eos_token_ids,
+        config = _engine_config(args, batch)
+        prepack = config.prepack_weights
+        return SpecEngine(runner_for(target.model, prepack=prepack),
+                          drafter and runner_for(None, drafter, prepack=prepack), config=config, eos_token_ids=target.eos_token_ids,
                           decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
                           drafter_version=drafter.version if drafter else "none")
 
@@ -207,8 +215,7 @@ def _start_local(args) -> tuple[str, str]:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app({
         "model_name": args.model, "target": args.target, "drafter": args.drafter,
-        "engine": {"num_speculative_tokens": args.gamma, "max_batch_size": args.max_batch_size or args.concurrency,
-                   "max_model_len": args.max_prompt_tokens + args.max_tokens + 64},
+        "engine": _engine_config(args, args.max_batch_size or args.concurrency).model_dump(),
         "traffic": {"uri": traffic, "flush_every_seconds": 5.0},
         "placement": {"num_cpus": 1, "torch_threads": args.torch_threads},
         "max_ongoing_requests": max(64, 2 * args.concurrency),

@@ -4,7 +4,9 @@ What it does: `build_app(args)` (Serve's application-builder pattern, used by `s
 serve.app:build_app ...` and `serve deploy infra/serve.yaml`) builds three deployments: the
 `Ingress` below, the `SpecPair` replicas (spec_pair.py) and the `TrafficLogger` (logger.py). The
 ingress tokenizes (the target's chat template for chat), validates (protocol.py), and calls the
-SpecPair through a DeploymentHandle, streaming with `handle.options(stream=True)`.
+SpecPair through a DeploymentHandle with a typed `GenerateRequest` (pair_protocol.py), streaming with
+`handle.options(stream=True)`; a replica's error comes back with a code that `http_error` turns into the
+HTTP status and OpenAI error body.
 
 Routes: POST /v1/completions, POST /v1/chat/completions (`stream: true` gives server-sent events),
 GET /v1/models, GET /health, GET /draftsmith/status (the answering replica's drafter, refusals,
@@ -15,7 +17,8 @@ Limits: bodies over `max_request_body_bytes` get 413 before they are parsed; pro
 that dies or is unreachable mid-request gives 503 (`replica_unavailable`, retryable), or an error
 event on a stream that had started; never a bare 500.
 
-What it does not do: generation, batching, drafter swaps (spec_pair.py); Parquet (logger.py).
+What it does not do: generation, batching (spec_pair.py, engine_loop.py), drafter swaps (drafter_watcher.py);
+Parquet (logger.py).
 """
 
 import argparse
@@ -47,6 +50,7 @@ from serve.protocol import (
     sse,
     stream_chunk,
 )
+from serve.pair_protocol import Chunk, GenerateRequest, http_error
 from serve.spec_pair import SpecPair
 
 logger = logging.getLogger(__name__)
@@ -87,16 +91,6 @@ def _upstream_error(error: BaseException, request_id: str | None = None) -> Prot
     return ProtocolError(503, f"The replica serving this request failed before it finished "
                               f"({type(error).__name__}); the request was not completed: retry it.",
                          type="server_error", code="replica_unavailable")
-
-
-def _raise_if_error(result: dict, *, max_tokens_param: str) -> None:
-    error = result.get("error")
-    if error is None:
-        return
-    if error.get("type") == "server_error":
-        raise ProtocolError(500, error["message"], type="server_error")
-    param = max_tokens_param if "max_tokens" in error["message"] else None
-    raise ProtocolError(400, error["message"], param=param, code="context_length_exceeded" if param else None)
 
 
 @serve.deployment(name="Ingress", max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
@@ -196,8 +190,9 @@ class Ingress:
         return await self._generate("chat", request, body, ids, prompt_text, body.effective_max_tokens())
 
     # ----- generation -----------------------------------------------------------------------------
-    async def _payload(self, request: Request, body, ids: list[int], prompt_text: str | None,
-                       max_tokens: int | None) -> dict:
+    async def _pair_request(self, request: Request, body, ids: list[int], prompt_text: str | None,
+                            max_tokens: int | None) -> GenerateRequest:
+        """The request the replica runs, after the checks that need the replica's limits."""
         try:
             info = await self._engine_info()
         except Exception as error:  # noqa: BLE001  no replica answered
@@ -221,41 +216,35 @@ class Ingress:
         if max_tokens is None:
             gamma = info["num_speculative_tokens"]
             max_tokens = max(1, min(info["default_max_tokens"], context - len(ids) - gamma - 1))
-        return {
-            "request_id": uuid.uuid4().hex,
-            "prompt_token_ids": ids,
-            "prompt_text": prompt_text,
-            "max_tokens": max_tokens,
-            "temperature": body.temperature,
-            "top_p": body.top_p,
-            "stop": body.stop_list(),
-            "seed": body.seed,
-            "user": body.user,
-            "num_speculative_tokens": options.num_speculative_tokens,
-            "speculative": options.speculative,
-            "log": not logging_opted_out(request.headers, options.log),
-        }
+        return GenerateRequest(
+            request_id=uuid.uuid4().hex, prompt_token_ids=ids, prompt_text=prompt_text, max_tokens=max_tokens,
+            temperature=body.temperature, top_p=body.top_p, stop=tuple(body.stop_list()), seed=body.seed,
+            user=body.user, num_speculative_tokens=options.num_speculative_tokens, speculative=options.speculative,
+            log=not logging_opted_out(request.headers, options.log))
 
     async def _generate(self, kind: str, request: Request, body, ids, prompt_text, max_tokens):
-        payload = await self._payload(request, body, ids, prompt_text, max_tokens)
+        pair_request = await self._pair_request(request, body, ids, prompt_text, max_tokens)
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
-        request_id, created, model = prefix + payload["request_id"], int(time.time()), self.cfg.model_name
+        request_id, created, model = prefix + pair_request.request_id, int(time.time()), self.cfg.model_name
         if not body.stream:
             try:
-                result = await self.pair.generate.remote(payload)
+                result: Chunk = await self.pair.generate.remote(pair_request)
             except Exception as error:  # noqa: BLE001  the replica died or could not be reached
                 raise _upstream_error(error, request_id) from None
-            _raise_if_error(result, max_tokens_param="max_tokens")
+            if result.error is not None:
+                raise http_error(result.error)
             build = chat_response if kind == "chat" else completion_response
-            return build(request_id, model, result["text"], result["finish_reason"], result["usage"],
-                         result["draftsmith"], created)
-        stream = self.pair.options(stream=True).generate_stream.remote(payload)
+            finish = result.finish
+            return build(request_id, model, result.text, finish.finish_reason, finish.usage, finish.draftsmith,
+                         created)
+        stream = self.pair.options(stream=True).generate_stream.remote(pair_request)
         try:
             try:
                 first = await stream.__anext__()
             except Exception as error:  # noqa: BLE001  the replica died or could not be reached
                 raise _upstream_error(error, request_id) from None
-            _raise_if_error(first, max_tokens_param="max_tokens")
+            if first.error is not None:
+                raise http_error(first.error)
         except BaseException:
             stream.cancel()
             raise
@@ -263,32 +252,33 @@ class Ingress:
         return StreamingResponse(self._sse(kind, stream, first, request_id, model, created, include_usage),
                                  media_type="text/event-stream")
 
-    async def _sse(self, kind: str, stream, first: dict, request_id: str, model: str, created: int,
+    async def _sse(self, kind: str, stream, first: Chunk, request_id: str, model: str, created: int,
                    include_usage: bool) -> AsyncIterator[str]:
         chunk, is_first = first, True
         try:
             while True:
-                if "error" in chunk:
-                    yield sse(chunk)
+                if chunk.error is not None:
+                    yield sse(http_error(chunk.error).body())
                     break
-                final = "finish_reason" in chunk
-                if chunk["text"] or is_first or final:
-                    extra = {"draftsmith": chunk["draftsmith"]} if final else None
-                    yield sse(stream_chunk(kind, request_id, model, created, chunk["text"],
-                                           chunk.get("finish_reason"), first=is_first, extra=extra))
+                finish = chunk.finish
+                if chunk.text or is_first or finish is not None:
+                    extra = {"draftsmith": finish.draftsmith} if finish is not None else None
+                    yield sse(stream_chunk(kind, request_id, model, created, chunk.text,
+                                           finish and finish.finish_reason, first=is_first, extra=extra))
                     is_first = False
-                if final:
+                if finish is not None:
                     if include_usage:
-                        yield sse(stream_chunk(kind, request_id, model, created, None,
-                                               extra={"usage": chunk["usage"]}))
+                        yield sse(stream_chunk(kind, request_id, model, created, None, extra={"usage": finish.usage}))
                     break
                 try:
                     chunk = await stream.__anext__()
                 except StopAsyncIteration:
-                    chunk = {"error": {"message": "the stream ended without a result", "type": "server_error",
-                                       "param": None, "code": "replica_unavailable"}}
+                    yield sse(error_body("the stream ended without a result", "server_error",
+                                         code="replica_unavailable"))
+                    break
                 except Exception as error:  # noqa: BLE001  the replica died mid-stream: say so in the stream
-                    chunk = _upstream_error(error, request_id).body()
+                    yield sse(_upstream_error(error, request_id).body())
+                    break
             yield SSE_DONE
         finally:
             stream.cancel()  # no-op when finished; frees the engine slot when the client disconnected

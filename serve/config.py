@@ -15,55 +15,29 @@ override the file's values.
 from __future__ import annotations
 
 import os
-
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from draftsmith.engine_config import EngineConfig
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class EngineSettings(_Section):
-    num_speculative_tokens: int = Field(4, ge=0, le=32, description="Tokens drafted per step (gamma) by default.")
-    max_batch_size: int = Field(8, ge=1, description="Sequences decoded together in one replica (slots).")
-    max_model_len: int = Field(2048, ge=16, description="Context length (prompt + output + speculation headroom).")
-    topk_logprobs: int = Field(8, ge=0, le=64, description="Target top-k log-probs logged per output position.")
-    seed: int = Field(0, description="Seed for requests that do not send one.")
-    max_num_speculative_tokens: int = Field(16, ge=0, description="Upper bound a request may ask for.")
-    default_max_tokens: int = Field(256, ge=1, description="max_tokens for chat requests that do not set it.")
-    layer_parallel_group_size: int = Field(1, ge=1, description="Layer-parallel drafting (EasySpec): drafter "
-                                           "layers per group run at once on the same input; 1 = sequential.")
-    layer_parallel_group_sizes: list[PositiveInt] = Field(default_factory=list, description="Explicit consecutive "
-                                                  "group sizes, summing to the drafter's layer count (overrides "
-                                                  "the group size), e.g. [1, 2, 2, 2, 1]: first and last layer "
-                                                  "sequential, which keeps most of the acceptance.")
-    layer_parallel_devices: list[str] = Field(default_factory=list, description="Devices of the pair: a "
-                                              "group's drafter layers run on them concurrently (round robin) "
-                                              "and the target is split over them in contiguous stages; empty "
-                                              "= one device, stacked groups.")
-    prompt_lookup_max: int = Field(0, ge=0, le=16, description="Prompt lookup (vLLM's ngram method): a sequence "
-                                   "whose last n tokens (prompt_lookup_min <= n <= this) occurred earlier in it "
-                                   "verifies the tokens that followed them instead of the drafter's, at no drafting "
-                                   "cost; also speculates while no drafter is loaded. 0 = off.")
-    prompt_lookup_min: int = Field(2, ge=1, le=16, description="Shortest n-gram prompt lookup matches.")
-    disable_speculation_at_batch: int = Field(0, ge=0, description="A decoding step with at least this many "
-                                              "running sequences decodes them autoregressively (vLLM's "
-                                              "speculative_disable_by_batch_size): verifying gamma + 1 tokens of "
-                                              "every row is compute-bound at large batches. 0 = never.")
-    prepack_weights: bool = Field(True, description="On CPU, run target and drafter on oneDNN-prepacked copies of "
-                                  "their weights: verifying gamma + 1 tokens then costs about one single-token step "
-                                  "(dense: 1.2-2.1 measured here), at the memory of a second copy of the weights.")
+class EngineSettings(EngineConfig):
+    """The `engine:` section: the engine's own settings (draftsmith.engine_config, the one definition of
+    each) plus the limits Serve puts on what a request may ask for."""
 
-    @model_validator(mode="after")
-    def _lookup_range(self):
-        if self.prompt_lookup_max and self.prompt_lookup_min > self.prompt_lookup_max:
-            raise ValueError(f"engine.prompt_lookup_min ({self.prompt_lookup_min}) must be <= "
-                             f"engine.prompt_lookup_max ({self.prompt_lookup_max})")
-        return self
+    max_num_speculative_tokens: int = Field(16, ge=0, description="Largest num_speculative_tokens a request may "
+                                            "ask for (`draftsmith.num_speculative_tokens`); larger values are "
+                                            "refused.")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens for chat requests that do not set it.")
 
 
 class TrafficSettings(_Section):
@@ -151,7 +125,8 @@ class ServeAppConfig(BaseModel):
                                          "how soon a dead replica is noticed and replaced.")
     mlflow_http_max_retries: int | None = Field(
         3, ge=0, description="MLFLOW_HTTP_REQUEST_MAX_RETRIES in the replicas: bounds how long a drafter poll waits "
-        "on a dead MLflow server (MLflow's default, 7, is ~4 min). None: MLflow's default.")
+        "on a dead MLflow server (MLflow's default, 7 retries with exponential backoff, waits minutes). None: "
+        "MLflow's default.")
     mlflow_http_timeout_s: float | None = Field(10.0, gt=0, description="MLFLOW_HTTP_REQUEST_TIMEOUT in the "
                                                 "replicas. None: MLflow's default (120 s).")
     auth_token: str | None = Field(None, description="If set, require `Authorization: Bearer <token>`.")
@@ -278,17 +253,45 @@ def parse_app_args(args: dict[str, Any] | ServeAppConfig | None) -> ServeAppConf
     if "config" in args:
         base = load_yaml_args(args.pop("config"))
     merged = _merge(base, _nest(args))
-    # `serve run` passes every value as a string; YAML-parse them so `engine.max_batch_size=4` is an int.
-    return ServeAppConfig.model_validate(_coerce_strings(merged))
+    return ServeAppConfig.model_validate(_coerce_strings(merged, ServeAppConfig))
 
 
-def _coerce_strings(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {k: _coerce_strings(v) for k, v in node.items()}
-    if isinstance(node, str) and node and node[0] in "0123456789-.tfnTFN[{":
-        try:
-            value = yaml.safe_load(node)
-        except yaml.YAMLError:
-            return node
-        return value if isinstance(value, (int, float, bool, list, dict)) or value is None else node
-    return node
+def _admits_str(annotation: Any) -> bool:
+    """Whether a field of this type takes a string as it is (str, str | None, a Literal of strings)."""
+    if annotation is str:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return any(isinstance(choice, str) for choice in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return any(_admits_str(arg) for arg in typing.get_args(annotation))
+    return False
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model of a nested section (`engine: EngineSettings`, or `EngineSettings | None`)."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if typing.get_origin(candidate) is None and isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _coerce_strings(node: dict[str, Any], model: type[BaseModel]) -> dict[str, Any]:
+    """`serve run` passes every value as a string: YAML-parse the strings given to fields that are not
+    strings (`engine.max_batch_size=4` -> 4, `autoscaling.enabled=true` -> True), by the model's field
+    types, so that `auth_token=123456` or `model_name=1.0` stay the strings they are."""
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        field = model.model_fields.get(key)
+        if field is None:  # an unknown key: validation names it
+            out[key] = value
+        elif isinstance(value, dict) and (section := _section_model(field.annotation)) is not None:
+            out[key] = _coerce_strings(value, section)
+        elif isinstance(value, str) and not _admits_str(field.annotation):
+            try:
+                out[key] = yaml.safe_load(value)
+            except yaml.YAMLError:
+                out[key] = value  # validation says what is wrong with it
+        else:
+            out[key] = value
+    return out

@@ -13,7 +13,7 @@ to load and swap.
   (or any object with the same `resolve`/`download`, injected for tests); the version is the
   registry's version number, downloaded once into a cache folder.
 
-What it does not do: swap drafters or decide what to refuse (spec_pair.py), talk to MLflow directly.
+What it does not do: swap drafters or decide what to refuse (drafter_watcher.py), talk to MLflow directly.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Delivery contract (what makes a killed logger lose nothing): `log_batch` acknowl
 `{"instance", "seq"}`: this logger incarnation's id and the sequence number its writer reached. The
 records are durable once `durable()` reports the same instance with `durable_through >= seq`. A
 replica keeps what it sent until then; if `durable()` or a later ack names another instance, the
-logger died with those records in its buffer and the replica sends them again (spec_pair.py). So a
+logger died with those records in its buffer and the replica sends them again (traffic_sender.py). So a
 logger kill loses nothing a replica still holds; what the replicas cannot deliver at all is counted
 by them (`draftsmith_traffic_records_undelivered`).
 

@@ -11,7 +11,8 @@ The `draftsmith` request extension: `{"num_speculative_tokens": int >= 0, "specu
 reports that request's drafter_version, drafted, accepted, acceptance_rate, token_acceptance and
 mean_accepted_length.
 
-What it does not do: HTTP serving, tokenization, generation (app.py, spec_pair.py).
+What it does not do: HTTP serving, tokenization, generation (app.py, spec_pair.py), the messages between
+ingress and replica (pair_protocol.py).
 """
 
 from __future__ import annotations

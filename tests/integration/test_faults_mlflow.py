@@ -30,12 +30,13 @@ NAME = "faults-drafter"
 
 
 async def _answer(pair, prompt_ids: list[int]) -> dict:
+    from serve.pair_protocol import GenerateRequest
+
     final = None
-    async for chunk in pair._run({"prompt_token_ids": prompt_ids, "max_tokens": 8, "temperature": 0,
-                                  "log": False}):
-        assert "error" not in chunk, chunk
-        final = chunk
-    return final
+    async for chunk in pair._run(GenerateRequest("r", prompt_ids, max_tokens=8, temperature=0, log=False)):
+        assert chunk.error is None, chunk
+        final = chunk.finish
+    return {"usage": final.usage, "draftsmith": final.draftsmith}
 
 
 def test_serving_keeps_its_drafter_and_registration_fails_cleanly_when_mlflow_is_down(tmp_path, monkeypatch):

@@ -380,6 +380,15 @@ def _fake_traffic_logger(answer):
                               for name in ("log_batch", "durable", "flush")})
 
 
+def _sender(handle, **traffic):
+    """The replica's traffic sender alone (serve/traffic_sender.py), with a stand-in logger handle."""
+    from serve.config import TrafficSettings
+    from serve.metrics import ReplicaMetrics
+    from serve.traffic_sender import TrafficSender
+
+    return TrafficSender(handle, TrafficSettings(**traffic), ReplicaMetrics(), "draftsmith")
+
+
 def test_traffic_sender_calls_the_logger_outside_the_request_that_started_it():
     """Serve cancels the handle calls made under a request id when that request ends (an SSE stream's
     handle is cancelled after its last chunk): the sender, started by some request, must not call the
@@ -389,27 +398,23 @@ def test_traffic_sender_calls_the_logger_outside_the_request_that_started_it():
 
     from ray.serve.context import _get_serve_request_context, _set_request_context
 
-    from serve.spec_pair import SpecPairImpl
-
     calls = []
 
     def answer(name, args):
         calls.append((name, _get_serve_request_context().request_id))
         return {"instance": "logger-1", "seq": 1, "durable_through": 1}
 
-    pair = SpecPairImpl({"target": "tiny", "drafter": None, "traffic": {"send_interval_seconds": 0.05}},
-                        _fake_traffic_logger(answer), start=False)
+    sender = _sender(_fake_traffic_logger(answer), send_interval_seconds=0.05)
 
     async def a_request_that_starts_the_sender():
         _set_request_context(request_id="the-first-request")
-        pair._ensure_sender()
-        pair._pending.append(SimpleNamespace(request_id="r1"))
-        pair._send_wake.set()
+        sender.ensure_started()
+        sender.enqueue(SimpleNamespace(request_id="r1"))
         for _ in range(100):
             await asyncio.sleep(0.02)
-            if not pair._pending:
+            if not sender.pending:
                 break
-        return await pair.flush_traffic()
+        return await sender.flush()
 
     flushed = asyncio.run(a_request_that_starts_the_sender())
     assert flushed["pending_records"] == 0 and flushed["instance"] == "logger-1"
@@ -424,8 +429,6 @@ def test_flush_resends_what_a_replaced_logger_held_before_it_returns():
     import asyncio
     from types import SimpleNamespace
 
-    from serve.spec_pair import SpecPairImpl
-
     state = {"instance": "old-logger", "received": []}
 
     def answer(name, args):
@@ -434,21 +437,20 @@ def test_flush_resends_what_a_replaced_logger_held_before_it_returns():
         durable = 0 if state["instance"] == "old-logger" else len(state["received"])  # the old one never wrote
         return {"instance": state["instance"], "seq": len(state["received"]), "durable_through": durable}
 
-    pair = SpecPairImpl({"target": "tiny", "drafter": None, "traffic": {"send_interval_seconds": 60}},
-                        _fake_traffic_logger(answer), start=False)
+    sender = _sender(_fake_traffic_logger(answer), send_interval_seconds=60)
 
     async def scenario():
-        pair._ensure_sender()
-        pair._pending.append(SimpleNamespace(request_id="r1"))
-        await pair._send_pending()
+        sender.ensure_started()
+        sender.enqueue(SimpleNamespace(request_id="r1"))
+        await sender.send_pending()
         state["instance"] = "new-logger"  # killed and replaced by Serve: r1 was in its buffer only
-        flushed = await pair.flush_traffic()
+        flushed = await sender.flush()
         return flushed, list(state["received"])  # what the loggers had when the flush returned
 
     flushed, received = asyncio.run(scenario())
     assert received == [("old-logger", "r1"), ("new-logger", "r1")]
     assert flushed["instance"] == "new-logger" and flushed["unconfirmed_records"] == 0
-    assert flushed["pending_records"] == 0 and pair.counts["log_resent"] == 1
+    assert flushed["pending_records"] == 0 and sender.counts["log_resent"] == 1
 
 
 def test_weight_prepacking_is_configurable_per_pair():

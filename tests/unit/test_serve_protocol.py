@@ -135,8 +135,35 @@ def test_config_from_flat_strings_and_yaml(tmp_path):
     assert ServeAppConfig().engine.disable_speculation_at_batch == 0
     with pytest.raises(ValueError, match="disable_speculation_at_batch"):
         ServeAppConfig(engine={"disable_speculation_at_batch": -1})
-    with pytest.raises(ValueError, match=r"engine.prompt_lookup_min \(4\) must be <= engine.prompt_lookup_max \(3\)"):
+    with pytest.raises(ValueError, match=r"engine\n.*prompt_lookup_min \(4\) must be <= prompt_lookup_max \(3\)"):
         ServeAppConfig(engine={"prompt_lookup_max": 3, "prompt_lookup_min": 4})
+
+
+def test_flat_strings_are_coerced_by_the_field_type():
+    """`serve run ... auth_token=123456 model_name=1.0` used to YAML-parse every string, turning these into
+    numbers that string fields refuse; only fields that are not strings are parsed now."""
+    cfg = parse_app_args({"auth_token": "123456", "model_name": "1.0", "target": "tiny", "drafter": "none",
+                          "engine.max_batch_size": "4", "engine.layer_parallel_group_sizes": "[1, 1]",
+                          "autoscaling.enabled": "true", "mlflow_http_max_retries": "null",
+                          "placement.bundles": "[{CPU: 1}]", "max_prompt_tokens": "64"})
+    assert cfg.auth_token == "123456" and cfg.model_name == "1.0" and cfg.drafter is None
+    assert cfg.engine.max_batch_size == 4 and cfg.engine.layer_parallel_group_sizes == (1, 1)
+    assert cfg.autoscaling.enabled is True and cfg.mlflow_http_max_retries is None
+    assert cfg.placement.bundles == [{"CPU": 1.0}] and cfg.max_prompt_tokens == 64
+    with pytest.raises(ValueError, match="max_batch_size"):
+        parse_app_args({"engine.max_batch_size": "four"})
+
+
+def test_engine_section_is_the_engine_config():
+    """One definition per setting: the `engine:` section is draftsmith's EngineConfig plus Serve's limits."""
+    from draftsmith.engine_config import EngineConfig
+    from serve.config import EngineSettings
+
+    assert issubclass(EngineSettings, EngineConfig)
+    assert set(EngineSettings.model_fields) - set(EngineConfig.model_fields) == {"max_num_speculative_tokens",
+                                                                               "default_max_tokens"}
+    for name, field in EngineConfig.model_fields.items():
+        assert EngineSettings.model_fields[name].description == field.description, name
 
 
 def test_record_from_result():

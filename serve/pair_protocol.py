@@ -1,0 +1,96 @@
+"""What the ingress and a SpecPair replica exchange: typed requests, chunks and errors with a code.
+
+What it does: `GenerateRequest` is one validated, tokenized request as the ingress hands it to a replica
+(and `engine_request()` turns it into the engine's `Request`); a replica answers with `Chunk`s (text
+deltas, the last one carrying `Finish`: finish reason, usage and the `draftsmith` figures) or with a
+chunk holding a `ReplicaError`, whose `ErrorCode` says what went wrong. The replica decides the code
+where it catches the failure; the ingress maps codes to HTTP statuses and OpenAI error bodies
+(`http_error`), and never reads an error's message to decide anything.
+
+What it does not do: parse HTTP bodies or build OpenAI responses (protocol.py), generate (spec_pair.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+from draftsmith.sampling import SamplingParams
+from draftsmith.specdec import Request
+from serve.protocol import ProtocolError
+
+
+class ErrorCode(str, enum.Enum):
+    """Why a replica did not complete a request."""
+
+    INVALID_REQUEST = "invalid_request"  # the engine refused the request (empty prompt, ids outside the vocabulary)
+    CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # prompt + max_tokens + speculation exceed the context
+    ENGINE_ERROR = "engine_error"  # a decoding step failed; the replica keeps serving others
+    NO_RESULT = "no_result"  # the request ended without a final result
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaError:
+    code: ErrorCode
+    message: str
+
+
+# code -> (HTTP status, OpenAI error type, param, OpenAI error code)
+_HTTP = {
+    ErrorCode.INVALID_REQUEST: (400, "invalid_request_error", None, None),
+    ErrorCode.CONTEXT_LENGTH_EXCEEDED: (400, "invalid_request_error", "max_tokens", "context_length_exceeded"),
+    ErrorCode.ENGINE_ERROR: (500, "server_error", None, None),
+    ErrorCode.NO_RESULT: (500, "server_error", None, None),
+}
+
+
+def http_error(error: ReplicaError) -> ProtocolError:
+    """The HTTP answer to a replica's error (its body is also the error event of a stream)."""
+    status, kind, param, code = _HTTP[error.code]
+    return ProtocolError(status, error.message, type=kind, param=param, code=code)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateRequest:
+    """One request, validated and tokenized by the ingress."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    max_tokens: int
+    prompt_text: str | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    user: str | None = None
+    num_speculative_tokens: int | None = None  # None: the replica's default
+    speculative: bool = True  # False: autoregressive decoding for this request
+    log: bool = True  # False: not written to the traffic log
+
+    def engine_request(self) -> Request:
+        gamma = 0 if not self.speculative else self.num_speculative_tokens
+        params = SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                                stop=tuple(self.stop), seed=self.seed)
+        return Request(self.request_id, list(self.prompt_token_ids), params, num_speculative_tokens=gamma)
+
+
+@dataclasses.dataclass(frozen=True)
+class Finish:
+    finish_reason: str
+    usage: dict[str, int]
+    draftsmith: dict[str, Any]  # the response's `draftsmith` object: drafter version and acceptance figures
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """Text generated since the last chunk; the last chunk of a request has `finish` or `error`."""
+
+    text: str = ""
+    n_tokens: int = 0
+    finish: Finish | None = None
+    error: ReplicaError | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.finish is not None or self.error is not None
