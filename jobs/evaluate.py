@@ -59,7 +59,8 @@ class EvaluateConfig(BaseModel):
         "traffic", description="Held-out prompt source: `traffic` (most recent slice of the traffic log), "
                                "`sharegpt` (its held-out split) or `jsonl:PATH`.")
     traffic_uri: str | None = Field(None, description="Traffic log URI (needed when prompts is `traffic`).")
-    heldout_fraction: float = Field(0.1, gt=0, le=1, description="Most recent fraction of traffic held out.")
+    heldout_fraction: float = Field(0.1, gt=0, lt=1, description="Most recent fraction of traffic held out (set "
+                                    "it to the distillation job's, so the challenger never saw these prompts).")
     num_prompts: int = Field(32, ge=1, description="Held-out prompts to decode.")
     max_prompt_tokens: int = Field(256, ge=1, description="Prompts keep this many tokens (the end).")
     max_new_tokens: int = Field(64, ge=1, description="Tokens generated per prompt.")
@@ -84,40 +85,14 @@ def load_prompts(cfg: EvaluateConfig, target) -> list[list[int]]:
         if not cfg.traffic_uri:
             raise ValueError("prompts is `traffic` but traffic_uri is not set: set it, or use `sharegpt` / "
                              "`jsonl:PATH`")
-        return traffic_heldout_prompts(cfg, target)
+        # the slice the distillation job held out with the same heldout_fraction
+        return heldout_prompts_from_traffic(cfg.traffic_uri, target, n=cfg.num_prompts,
+                                            max_prompt_tokens=cfg.max_prompt_tokens,
+                                            heldout_fraction=cfg.heldout_fraction)
     from draftsmith.datasets_io import load_prompt_source
 
     messages = load_prompt_source(cfg.prompts, cfg.num_prompts, split="heldout")
     return prompts_from_messages(target.tokenizer, messages, cfg.max_prompt_tokens)
-
-
-def traffic_heldout_prompts(cfg: EvaluateConfig, target) -> list[list[int]]:
-    """Distinct prompts of the traffic log's held-out slice, newest first, as the dataset pipeline splits it.
-
-    Falls back to `draftsmith.evaluation.heldout_prompts_from_traffic` (same rule: the most recent
-    fraction by time) when `pipelines.dataset` is not importable.
-    """
-    try:
-        from pipelines.dataset import build_distill_dataset
-    except ImportError:
-        return heldout_prompts_from_traffic(cfg.traffic_uri, target, n=cfg.num_prompts,
-                                            max_prompt_tokens=cfg.max_prompt_tokens,
-                                            heldout_fraction=cfg.heldout_fraction)
-    data = build_distill_dataset(cfg.traffic_uri, target_id=target.model_id, target_revision=target.revision,
-                                 tokenizer_hash=target.tokenizer_hash, heldout_fraction=cfg.heldout_fraction)
-    if len(data.heldout) == 0:
-        raise ValueError(f"no held-out traffic for target {target.model_id} ({target.revision}) under "
-                         f"{cfg.traffic_uri}: serve or backfill some, or use a `sharegpt` / `jsonl:PATH` "
-                         "source")
-    seen, out = set(), []
-    for ids in reversed(data.heldout["prompt_token_ids"]):
-        key = tuple(ids)
-        if ids and key not in seen:
-            seen.add(key)
-            out.append(list(ids[-cfg.max_prompt_tokens:]))
-        if len(out) >= cfg.num_prompts:
-            break
-    return out
 
 
 def log_evaluation(registry: DrafterRegistry, version: str, metrics: dict[str, float],

@@ -8,7 +8,7 @@ output position the target's log_softmax top-k. Much cheaper than generating, an
 way to get thousands of records quickly. `generate_traffic` runs the real `SpecEngine` (target +
 drafter) on prompts and logs served-style records (`source="served"`), as the Serve logger would.
 
-What it does not do: deduplicate or split (pipelines/dataset.py), run on Ray, or serve.
+What it does not do: deduplicate or split (draftsmith.distill_data), run on Ray, or serve.
 """
 
 from __future__ import annotations
@@ -225,7 +225,8 @@ def generate_traffic(target: LoadedModel, drafter: Drafter | None, prompts: Sequ
 # ------------------------------------------------------------------------------ CLI
 
 
-def _conversations(source: str, n: int | None, seed: int) -> list:
+def load_conversations(source: str, n: int | None, seed: int) -> list:
+    """Up to `n` train conversations from `sharegpt` (its train split, in `seed` order) or `jsonl:PATH`."""
     from draftsmith.datasets_io import read_chat_jsonl, sharegpt_split
 
     if source == "sharegpt":
@@ -255,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from draftsmith.models import load_model
 
     target = load_model(args.target)
-    n = backfill(target, _conversations(args.source, args.n, args.seed), args.traffic_uri,
+    n = backfill(target, load_conversations(args.source, args.n, args.seed), args.traffic_uri,
                  max_prompt_tokens=args.max_prompt_tokens, max_output_tokens=args.max_output_tokens, topk=args.topk,
                  batch_size=args.batch_size, all_turns=args.all_turns, keep_text=args.keep_text)
     print(json.dumps({"records": n, "traffic_uri": args.traffic_uri}))

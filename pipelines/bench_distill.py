@@ -7,8 +7,10 @@ Steps: (1) backfill (default: one teacher-forced pass per ShareGPT train convers
 (`--traffic generate`: the engine answers the first prompts) traffic into a fresh log; (2) derive the
 drafter from the target (`--layers`, `--draft-vocab-size` from the traffic's most frequent output
 tokens; `--feature-drafter` for one that reads the target's features); (3) evaluate it on held-out
-prompts (`--heldout sharegpt|jsonl:PATH`, greedy, gamma 4) "before"; (4) distill it, in this process (`--in-process`, no Ray) or through Ray Train
-(`jobs.distill.run_distill`, the default; required for `--workers > 1`); (5) evaluate "after" and the
+prompts (`--heldout sharegpt|jsonl:PATH`, greedy, gamma 4) "before"; (4) distill it with the job's own
+training loop (`draftsmith.distill.train`): in this process (`--in-process`, no Ray), or through the job's
+entry point `python -m jobs.distill` on Ray Train (the default; required for `--workers > 1`); the
+algorithm's flags (--loss, --lr, ...) are DistillConfig's fields; (5) evaluate "after" and the
 target alone (autoregressive) in the same engine, and with `--prompt-lookup-max` the distilled drafter
 again with prompt lookup beside it (the *_after_with_options fields). Progress goes to stderr; the LAST
 stdout line is one JSON object (records, train_tokens, train_seconds, *_before / *_after,
@@ -22,16 +24,32 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
-import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
 
+import yaml
+
+from draftsmith.distill import DistillConfig, TrainCallback
+
 logger = logging.getLogger("draftsmith.bench_distill")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# DistillConfig fields offered as flags (--jsd-beta, ...): type, help and default come from the model.
+ALGORITHM_FLAGS = ("loss", "jsd_beta", "wrong_weight", "lr", "steps", "epochs", "batch_size", "max_seq_len",
+                   "feature_loss_weight")
+
+
+def _add_algorithm_arguments(p: argparse.ArgumentParser) -> None:
+    for name in ALGORITHM_FLAGS:
+        field = DistillConfig.model_fields[name]
+        kind = int if field.default is None else type(field.default)
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None,
+                       help=f"{field.description} (DistillConfig.{name}, default {field.default})")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -58,8 +76,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "first2+last1, or last1 with --feature-drafter)")
     p.add_argument("--feature-drafter", action="store_true",
                    help="derive an EAGLE-style drafter that reads the target's features (draftsmith.models)")
-    p.add_argument("--feature-loss-weight", type=float, default=1.0,
-                   help="a feature drafter's regression of the target's next feature, beside the divergence")
     p.add_argument("--init-drafter", help="start from this drafter directory instead of deriving one "
                    "(--layers and --draft-vocab-size are then ignored)")
     p.add_argument("--layer-parallel", type=int, default=None, metavar="GROUP_SIZE",
@@ -68,16 +84,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="layer-parallel-aware distillation under these consecutive group sizes (e.g. 1,2,2,2,1, "
                    "as served with engine.layer_parallel_group_sizes); overrides --layer-parallel")
     p.add_argument("--draft-vocab-size", type=int, default=None, help="trimmed head size (None: full vocab)")
-    p.add_argument("--loss", choices=["fkl", "rkl", "jsd", "tvd"], default="fkl")
-    p.add_argument("--jsd-beta", type=float, default=0.5)
-    p.add_argument("--wrong-weight", type=float, default=1.0, help="weight of mispredicted positions (OSD)")
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs passes)")
-    p.add_argument("--epochs", type=int, default=1)
+    _add_algorithm_arguments(p)
     p.add_argument("--max-train-minutes", type=float, default=None,
                    help="stop the in-process training after this long (a compute budget; the steps run are reported)")
-    p.add_argument("--batch-size", type=int, default=8, help="records per step (per worker)")
-    p.add_argument("--max-seq-len", type=int, default=512)
     p.add_argument("--no-train-head", action="store_true", help="freeze the final norm and trimmed head")
     # training backend
     p.add_argument("--in-process", action="store_true", help="train here, no Ray (quick runs)")
@@ -111,114 +120,97 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.layer_parallel_groups = list(args.layer_parallel_plan) or args.layer_parallel
     args.layers = args.layers or ("last1" if args.feature_drafter else "first2+last1")
     args.drafter_spec = f"{'feature' if args.feature_drafter else 'derived'}:{args.layers}"
+    chosen = {name: getattr(args, name) for name in ALGORITHM_FLAGS if getattr(args, name) is not None}
+    try:
+        args.distill = DistillConfig(**chosen, train_head=not args.no_train_head, seed=args.seed,
+                                     layer_parallel_groups=args.layer_parallel_groups)
+    except ValueError as error:
+        p.error(str(error))
     return args
-
-
-def _conversations(source: str, n: int, seed: int) -> list:
-    from draftsmith.datasets_io import read_chat_jsonl, sharegpt_split
-
-    if source == "sharegpt":
-        return sharegpt_split("train", n, seed)
-    if source.startswith("jsonl:"):
-        return list(read_chat_jsonl(source[len("jsonl:"):]))[:n]
-    raise ValueError(f"unknown conversation source {source!r}: use sharegpt or jsonl:PATH")
 
 
 def make_traffic(args, target, traffic_uri: str) -> tuple[int, bool]:
     """Backfill or generate the train traffic into `traffic_uri`: (records, whether they were reused)."""
     from draftsmith.traffic import scan_traffic
-    from pipelines.backfill import backfill, generate_traffic
+    from pipelines.backfill import backfill, generate_traffic, load_conversations
 
     if args.reuse_traffic:
         existing = scan_traffic(traffic_uri, target_id=target.model_id).table.num_rows
         if existing:
             logger.info("reusing %d records in %s", existing, traffic_uri)
             return existing, True
-    conversations = _conversations(args.source, args.n, args.seed)
+    chats = load_conversations(args.source, args.n, args.seed)
     if args.traffic == "backfill":
-        return backfill(target, conversations, traffic_uri, max_prompt_tokens=args.max_prompt_tokens,
+        return backfill(target, chats, traffic_uri, max_prompt_tokens=args.max_prompt_tokens,
                         max_output_tokens=args.max_output_tokens, topk=args.topk,
                         batch_size=args.backfill_batch_size), False
     from draftsmith.datasets_io import user_turn_prompts
 
-    prompts = [p for c in conversations for p in user_turn_prompts(c, args.user_turns)]
+    prompts = [p for c in chats for p in user_turn_prompts(c, args.user_turns)]
     return generate_traffic(target, None, prompts, traffic_uri,
                             max_tokens=args.max_output_tokens, topk=args.topk,
                             max_prompt_tokens=args.max_prompt_tokens, batch_size=args.backfill_batch_size), False
 
 
+class _Progress(TrainCallback):
+    """A progress bar, and a stop once the time budget is spent."""
+
+    def __init__(self, bar, budget_minutes: float | None):
+        self.bar, self.budget_minutes = bar, budget_minutes
+        self.deadline = time.perf_counter() + 60 * budget_minutes if budget_minutes else None
+
+    def before_step(self, step: int) -> bool:
+        if self.deadline is not None and time.perf_counter() >= self.deadline:
+            logger.info("training budget of %.1f min spent after %d of %d steps", self.budget_minutes, step,
+                        self.bar.total)
+            return False
+        return True
+
+    def after_step(self, step: int, stats: dict) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{stats['loss']:.3f}", top1=f"{stats['top1_match']:.2f}")
+
+
 def train_in_process(args, drafter, train_dataset, target) -> tuple[object, dict]:
-    """Plain-torch distillation loop (the same train_step the Ray Train workers run)."""
+    """The job's training loop (`draftsmith.distill.train`, the Ray Train worker's), in this process."""
     import torch
     from tqdm.auto import tqdm
 
-    from draftsmith.distill import DistillConfig, DistillStudent, TargetFeatureCache, collate, make_optimizer, train_step
+    from draftsmith.distill import DistillStudent, total_steps, train
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    config = DistillConfig(loss=args.loss, jsd_beta=args.jsd_beta, wrong_weight=args.wrong_weight, lr=args.lr,
-                           batch_size=args.batch_size, max_seq_len=args.max_seq_len, steps=args.steps,
-                           epochs=args.epochs, train_head=not args.no_train_head, seed=args.seed,
-                           layer_parallel_groups=args.layer_parallel_groups,
-                           feature_loss_weight=args.feature_loss_weight)
-    student = DistillStudent(drafter, train_head=config.train_head, layer_parallel_groups=args.layer_parallel_groups)
-    optimizer = make_optimizer(student, config)
-    feature_cache = None
-    if student.reads_target_features:
-        feature_cache = TargetFeatureCache(target.model, config.feature_cache_gb * 2**30)
-    n = len(train_dataset)
-    steps = config.steps or max(1, config.epochs * math.ceil(n / config.batch_size))
-    order: list[int] = []
-    rng = random.Random(config.seed)
-    pad_id = target.tokenizer.pad_token_id or 0
-    stats: dict = {}
-    tokens = 0.0
-    deadline = time.perf_counter() + 60 * args.max_train_minutes if args.max_train_minutes else math.inf
-    done = 0
-    with tqdm(total=steps, desc="distill", unit="step", file=sys.stderr) as bar:
-        for step in range(steps):
-            if time.perf_counter() >= deadline:
-                logger.info("training budget of %.1f min spent after %d of %d steps", args.max_train_minutes,
-                            step, steps)
-                break
-            if len(order) < config.batch_size:
-                epoch = list(range(n))
-                rng.shuffle(epoch)
-                order += epoch
-            batch_ids, order = order[: config.batch_size], order[config.batch_size:]
-            rows = train_dataset[batch_ids]
-            records = [dict(zip(rows, values)) for values in zip(*rows.values())]
-            batch = collate(records, max_seq_len=config.max_seq_len, pad_id=pad_id)
-            features = feature_cache.features(batch_ids, batch) if feature_cache else None
-            stats = train_step(student, optimizer, batch, config, target_model=target.model, target_features=features)
-            tokens += stats["tokens"]
-            done = step + 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{stats['loss']:.3f}", top1=f"{stats['top1_match']:.2f}")
+    config = args.distill
+    student = DistillStudent.for_config(drafter, config)
+    with tqdm(total=total_steps(config, len(train_dataset)), desc="distill", unit="step", file=sys.stderr) as bar:
+        result = train(student, train_dataset, config, target_model=target.model,
+                       callbacks=[_Progress(bar, args.max_train_minutes)])
     student.eval()
-    info = {"steps": done, "train_tokens": int(tokens), "final_loss": stats.get("loss"),
+    stats = result.last_stats
+    info = {"steps": result.step, "train_tokens": int(result.tokens_per_worker), "final_loss": stats.get("loss"),
             "final_top1": stats.get("top1_match"), "final_top1_layer_parallel": stats.get("top1_match_layer_parallel")}
     return student.to_drafter("distilled"), info
 
 
 def train_with_ray(args, traffic_uri: str, state_dir: str, target) -> tuple[object, dict]:
+    """Distill through the job's entry point (`python -m jobs.distill`, Ray Train) with a config written here."""
     from draftsmith.models import load_drafter
-    from jobs.distill import DistillJobConfig, run_distill
 
-    cfg = DistillJobConfig(
-        traffic_uri=traffic_uri, heldout_fraction=0.0, target=args.target,
-        drafter=args.init_drafter or args.drafter_spec, layer_parallel_groups=args.layer_parallel_groups,
-        feature_loss_weight=args.feature_loss_weight,
-        draft_vocab_size=args.draft_vocab_size, loss=args.loss, jsd_beta=args.jsd_beta,
-        wrong_weight=args.wrong_weight, lr=args.lr, batch_size=args.batch_size, max_seq_len=args.max_seq_len,
-        steps=args.steps, epochs=args.epochs, train_head=not args.no_train_head, seed=args.seed,
-        num_workers=args.workers, strategy=args.strategy, torch_threads=args.torch_threads,
-        state_dir=state_dir, tracking_uri=None, register_challenger=False)
-    outcome = run_distill(cfg)
-    drafter = load_drafter(outcome.drafter_dir, target, version="distilled")
-    m = outcome.metrics
+    job = {"traffic_uri": traffic_uri, "heldout_fraction": 0.0, "target": args.target,
+           "drafter": args.init_drafter or args.drafter_spec, "draft_vocab_size": args.draft_vocab_size,
+           "train": args.distill.model_dump(mode="json"), "num_workers": args.workers, "strategy": args.strategy,
+           "torch_threads": args.torch_threads, "state_dir": state_dir, "tracking_uri": None,
+           "register_challenger": False}
+    path = Path(state_dir) / "bench-distill-job.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    completed = subprocess.run([sys.executable, "-m", "jobs.distill", "--config", str(path)], cwd=REPO_ROOT,
+                               stdout=subprocess.PIPE, text=True, check=True)
+    m = json.loads([line for line in completed.stdout.splitlines() if line.startswith("{")][-1])
+    drafter = load_drafter(m["drafter_dir"], target, version="distilled")
     tokens = m.get("train_tokens", m.get("train_output_tokens", 0))
-    return drafter, {"steps": m.get("step"), "train_tokens": int(tokens), "final_loss": m.get("loss"), "final_top1": m.get("top1_match"), "ray_metrics": m}
+    return drafter, {"steps": m.get("step"), "train_tokens": int(tokens), "final_loss": m.get("loss"),
+                     "final_top1": m.get("top1_match"), "ray_metrics": m}
 
 
 def _options_result(options: dict, report, autoregressive) -> dict:
@@ -244,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from draftsmith.evaluation import evaluate_drafters, plot_comparison, prompts_from_messages
     from draftsmith.models import derive_from_spec, frequent_token_ids, load_drafter, load_model, save_drafter
     from draftsmith.specdec import runner_for
-    from pipelines.dataset import build_distill_dataset
+    from draftsmith.distill_data import build_distill_dataset
 
     torch.manual_seed(args.seed)
     started = time.perf_counter()
@@ -328,8 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "init_drafter": args.init_drafter,
         "layer_parallel_training": args.layer_parallel_groups,
         "draft_vocab_size": None if trained.head_token_ids is None else trained.head_token_ids.numel(),
-        "loss": args.loss,
-        "lr": args.lr, "gamma": args.gamma, "heldout": args.heldout, "heldout_prompts": len(prompts),
+        "loss": args.distill.loss,
+        "lr": args.distill.lr, "gamma": args.gamma, "heldout": args.heldout, "heldout_prompts": len(prompts),
         "max_new_tokens": args.max_new_tokens,
         "token_acceptance_before": b.token_acceptance, "token_acceptance_after": a.token_acceptance,
         "acceptance_rate_before": b.acceptance_rate, "acceptance_rate_after": a.acceptance_rate,

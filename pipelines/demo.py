@@ -1,6 +1,6 @@
 """`draftsmith demo`: the whole loop on one machine — serve, log, distill on spare compute, gate, hot-swap.
 
-    draftsmith demo --quick        # what `make demo` runs: about 20 minutes on a 2-core CPU
+    draftsmith demo --quick        # what `make demo` runs: the CPU size (timings: docs/benchmarks.md)
     draftsmith down                # stop the Ray cluster and MLflow server the demo left up
 
 What it does, in order (each step is the production path, run locally):
@@ -86,8 +86,8 @@ class DemoConfig(BaseModel):
     leave_up: bool = Field(True, description="Leave Ray, Serve and MLflow running (stop: `draftsmith down`).")
 
 
-# The size measured on a 2-core CPU (README): 320 logged train requests are enough for a first distillation
-# to reach a token acceptance above 0.2 on held-out prompts, and the whole loop takes about 25 minutes.
+# The CPU size: enough logged train requests for a first distillation to raise held-out token acceptance
+# (what it reaches and how long the loop takes: docs/benchmarks.md).
 QUICK: dict[str, Any] = {"train_prompts": 320, "heldout_prompts": 24, "distill_steps": 600, "eval_prompts": 16,
                          "eval_temperatures": [0.0], "window": 12}
 
@@ -148,14 +148,17 @@ def serve_args(cfg: DemoConfig, state: Path, mlflow_url: str) -> dict:
 
 
 def write_job_configs(cfg: DemoConfig, state: Path, mlflow_url: str) -> tuple[Path, Path]:
-    """The distillation and evaluation configs the trigger's job runs with (jobs/distill.py, jobs/evaluate.py)."""
+    """The distillation and evaluation configs the trigger's job runs with (jobs/distill.py, jobs/evaluate.py),
+    written as plain YAML: this pipeline reaches the jobs through their entry points only."""
+    from draftsmith.distill import DistillConfig
+
     traffic = str(state / "traffic")
+    algorithm = DistillConfig(wrong_weight=2.0, lr=cfg.distill_lr, max_seq_len=cfg.max_prompt_tokens + cfg.max_tokens,
+                              steps=cfg.distill_steps)
     distill = {
         "traffic_uri": traffic, "heldout_fraction": cfg.heldout_fraction, "target": cfg.target,
         "drafter": f"models:/{cfg.model_name}@champion", "fallback_derivation": None,
-        "loss": "fkl", "wrong_weight": 2.0, "lr": cfg.distill_lr, "batch_size": 8,
-        "max_seq_len": cfg.max_prompt_tokens + cfg.max_tokens, "steps": cfg.distill_steps,
-        "num_workers": 1, "resources_per_worker": {"CPU": 1}, "torch_threads": cfg.torch_threads,
+        "train": algorithm.model_dump(mode="json", exclude_defaults=True), "num_workers": 1, "resources_per_worker": {"CPU": 1}, "torch_threads": cfg.torch_threads,
         "checkpoint_every": max(1, cfg.distill_steps // 3), "log_every": 20, "max_failures": 1,
         "state_dir": str(state), "tracking_uri": mlflow_url, "model_name": cfg.model_name,
     }
@@ -363,7 +366,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="draftsmith demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the CPU size (about 20 minutes on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="the CPU size (QUICK; timings in docs/benchmarks.md)")
     parser.add_argument("--down", action="store_true", help="stop Ray and MLflow at the end")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any DemoConfig field (YAML value), e.g. --set train_prompts=100")

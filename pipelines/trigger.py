@@ -68,8 +68,8 @@ class TriggerConfig(BaseModel):
     drift_greedy_only: bool = Field(True, description="Compare greedy served requests only (the held-out "
                                                       "headline metric is greedy).")
     max_serving_load: float | None = Field(
-        1.0, description="Submit only while serving load (ongoing requests per Serve replica, "
-                         "jobs.distill.serving_load) is below this (None: ignore load).")
+        1.0, description="Submit only while serving load (ongoing requests per SpecPair replica, "
+                         "serve.load.serving_load) is below this (None: ignore load).")
     ray_cluster_address: str | None = Field(
         "auto", description="GCS address the load reader connects to (`auto` on a cluster node; None: never "
                             "connect, load unknown).")
@@ -102,7 +102,7 @@ class Readings:
     served_acceptance: float | None  # recent served acceptance rate (None: too few records)
     served_records: int
     champion_heldout: float | None  # the champion's evaluated held-out acceptance rate
-    serving_load: float | None  # 0..1, None when unknown
+    serving_load: float | None  # ongoing requests per SpecPair replica (serve.load), None when unknown
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,11 +242,11 @@ def default_readers(cfg: TriggerConfig, client_factory: Callable[[], object]) ->
 
 
 def read_serving_load(address: str | None = "auto") -> float | None:
-    """Ongoing requests per Serve replica (jobs.distill.serving_load); None when it cannot be read."""
+    """Ongoing requests per SpecPair replica (serve.load.serving_load); None when it cannot be read."""
     try:
         import ray
 
-        from jobs.distill import serving_load
+        from serve.load import serving_load
     except ImportError:
         return None
     try:

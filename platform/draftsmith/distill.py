@@ -1,177 +1,113 @@
-"""Drafter distillation on logged traffic: batching, the student forward, the loss and one training step.
+"""Drafter distillation on logged traffic: the settings, the student, the loss, one step and the training loop.
 
-What it does: turns TrafficRecords (or rows of the distillation dataset, see `pipelines/dataset.py`)
-into padded batches (`collate`), runs the drafter over prompt + output in one teacher-forced forward
-and reads its logits at the positions that predicted each output token (`DistillStudent`,
-`student_logits`), compares them with the target's logged top-k log-probabilities (or with full
-target logits recomputed on the same batch when `full_teacher_logits` is set) through
-`draftsmith.losses`, optionally up-weighting the positions where the drafter's argmax differs from
-the target's top-1 (as OSD does), and takes an optimizer step (`train_step`). Layer-parallel-aware
-training (`layer_parallel_groups`: a group size > 1 or the serving plan's group sizes) adds the
-drafter's grouped forward (EasySpec's approximation, `layer_parallel.training_forward`) to the same
-step and averages both losses. A drafter that reads the target's features (EAGLE-style, models.py)
-trains on the target's final-normed hidden states of the same batch (`teacher_features`, or features
-the caller cached): its position t reads (feature t, token t + 1) and is trained to predict the
+What it does: runs the drafter over prompt + output in one teacher-forced forward and reads its logits
+at the positions that predicted each output token (`DistillStudent`, `student_logits`), compares them
+with the target's logged top-k log-probabilities (or with full target logits recomputed on the same
+batch when `full_teacher_logits` is set) through `draftsmith.losses`, optionally up-weighting the
+positions where the drafter's argmax differs from the target's top-1 (as OSD does), and takes an
+optimizer step (`train_step`). `train` is THE training loop (data order, step count, feature cache,
+progress windows) that the Ray Train worker (jobs/distill.py) and the in-process benchmark
+(pipelines/bench_distill.py) both run; what differs between them (DDP or DeepSpeed steps, checkpoints,
+MLflow, a fault to inject, a time budget) comes in as a step function and callbacks.
+Layer-parallel-aware training (`layer_parallel_groups`: a group size > 1 or the serving plan's group
+sizes) adds the drafter's grouped forward (EasySpec's approximation, `layer_parallel.training_forward`)
+to the same step and averages both losses. A drafter that reads the target's features (EAGLE-style,
+models.py) trains on the target's final-normed hidden states of the same batch (`teacher_features`, or
+features the caller cached): its position t reads (feature t, token t + 1) and is trained to predict the
 target's token t + 2 (the divergence above) and the target's feature t + 1 (a smooth-L1 regression,
 weighted by `feature_loss_weight`), because serving feeds its drafted feature back for the next draft.
 Pure torch.
 
-What it does not do: read the traffic log (pipelines/), distribute training, checkpoint, or log to
-MLflow (jobs/distill.py does, with Ray Train), or save drafters (models.save_drafter).
+What it does not do: read the traffic log or batch records (draftsmith.distill_data), distribute
+training, checkpoint, or log to MLflow (jobs/distill.py does, with Ray Train, through `train`'s
+callbacks), or save drafters (models.save_drafter).
 
-Parameters. The embeddings are always frozen (a derived drafter shares them with the target). The
-decoder layers always train; `train_head` also trains the final norm and the head when the head is a
-separate tensor: the trimmed VocabTrim head (`Drafter.head_weight`, trained as an `nn.Parameter`) or
-an untied `lm_head`. A full head tied to the embeddings stays frozen with them.
-
-Positions. The target's top-k logged at output position j is its distribution for output token j,
-computed from the sequence up to (and excluding) that token, i.e. at index `prompt_len - 1 + j` of
-prompt + output. Batches are right-padded, so causal attention never lets a real position see padding
-and no attention mask is needed.
+Parameters. The student trains a copy of the drafter it is given (see `DistillStudent`). The embeddings
+are always frozen (a derived drafter shares them with the target). The decoder layers always train;
+`train_head` also trains the final norm and the head when the head is a separate tensor: the trimmed
+VocabTrim head (`Drafter.head_weight`, trained as an `nn.Parameter`) or an untied `lm_head`. A full
+head tied to the embeddings stays frozen with them.
 """
 
 from __future__ import annotations
 
+import copy as _copy
 import dataclasses
 import logging
 import math
-from typing import Any, Mapping, Sequence
+import time
+from typing import Callable, Sequence
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 from torch import nn
 
 from draftsmith import losses
+from draftsmith.distill_data import DistillBatch, collate, rows
 from draftsmith.models import Drafter
 
 logger = logging.getLogger(__name__)
 
-
-@dataclasses.dataclass(frozen=True)
-class DistillConfig:
-    """The distillation algorithm's knobs (shapes and numbers only; the job adds I/O and scaling)."""
-
-    loss: str = "fkl"  # fkl | rkl | jsd | tvd (draftsmith.losses.DIVERGENCES)
-    jsd_beta: float = 0.5  # JSD mixing weight: beta * KL(p||m) + (1 - beta) * KL(q||m)
-    wrong_weight: float = 1.0  # weight of positions where drafter argmax != target top-1 (OSD); 1 = uniform
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    batch_size: int = 8  # records per optimizer step per worker
-    max_seq_len: int = 512  # prompt + output tokens per record (prompt is cut from the left)
-    steps: int | None = None  # optimizer steps; None: `epochs` passes over the data
-    epochs: int = 1
-    grad_clip: float | None = 1.0
-    train_head: bool = True  # also the final norm and a separate (trimmed or untied) head
-    full_teacher_logits: bool = False  # recompute the target's full logits instead of the logged top-k
-    # Layer-parallel-aware training: the loss of the sequential and of the layer-parallel forward
-    # (layer_parallel.training_forward), averaged. A group size (> 1), or the serving plan's explicit
-    # group sizes (e.g. (1, 2, 2, 2, 1)); None, 1 or all-ones: sequential only.
-    layer_parallel_groups: int | tuple[int, ...] | None = None
-    # A feature-reading drafter's regression of the target's next feature, beside the token divergence.
-    feature_loss_weight: float = 1.0
-    # Its training loops keep each record's target features (float16) up to this many GB per worker,
-    # so later epochs skip the target's forward (TargetFeatureCache); 0 recomputes every time.
-    feature_cache_gb: float = 2.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.loss not in losses.DIVERGENCES:
-            raise ValueError(f"loss {self.loss!r} unknown; choose one of {sorted(losses.DIVERGENCES)}")
-        if not 0.0 < self.jsd_beta < 1.0:
-            raise ValueError(f"jsd_beta must be in (0, 1), got {self.jsd_beta}")
-        if self.wrong_weight <= 0 or self.lr <= 0 or self.batch_size < 1 or self.max_seq_len < 2:
-            raise ValueError("wrong_weight and lr must be > 0, batch_size >= 1, max_seq_len >= 2")
-        if self.feature_loss_weight < 0 or self.feature_cache_gb < 0:
-            raise ValueError(f"feature_loss_weight and feature_cache_gb must be >= 0, got {self.feature_loss_weight} "
-                             f"and {self.feature_cache_gb}")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps must be >= 1 (or None for epochs), got {self.steps}")
-        groups = self.layer_parallel_groups
-        sizes = list(groups) if isinstance(groups, (tuple, list)) else [groups]
-        if groups is not None and (not sizes or min(sizes) < 1):
-            raise ValueError(f"layer_parallel_groups must be a group size >= 1 or group sizes >= 1, got {groups}")
+__all__ = ["DistillConfig", "DistillBatch", "DistillStudent", "TargetFeatureCache", "TrainCallback", "TrainResult",
+           "batch_indices", "collate", "distill_loss", "make_optimizer", "student_logits", "teacher_features",
+           "teacher_logits", "total_steps", "train", "train_step", "trainable_parameters"]
 
 
-@dataclasses.dataclass
-class DistillBatch:
-    """Padded tensors for B records with at most T output positions and teacher top-k of width k."""
+class DistillConfig(BaseModel):
+    """The distillation algorithm's settings: THE definition of each (jobs/distill.py nests them as `train:`)."""
 
-    input_ids: torch.Tensor  # [B, L] prompt + output[:-1], right-padded with pad_id
-    pred_positions: torch.Tensor  # [B, T] index into L of the logits that predict output token t
-    output_ids: torch.Tensor  # [B, T] the output tokens (padding: 0)
-    topk_ids: torch.Tensor  # [B, T, k] target top-k ids (padding: 0)
-    topk_logprobs: torch.Tensor  # [B, T, k] target log-probs (padding: log(1/k))
-    mask: torch.Tensor  # [B, T] bool, True = a real output position
-    accept_mask: torch.Tensor  # [B, T] bool, the logged accept flags (informational)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.mask.sum())
+    loss: str = Field("fkl", description="Divergence between the drafter and the target's logged top-k: fkl, "
+                      "rkl, jsd or tvd (draftsmith.losses.DIVERGENCES).")
+    jsd_beta: float = Field(0.5, gt=0, lt=1, description="JSD mixing weight: beta * KL(p||m) + (1 - beta) * "
+                            "KL(q||m).")
+    wrong_weight: float = Field(1.0, gt=0, description="Weight of the positions where the drafter's argmax "
+                                "differs from the target's top-1 (as OSD does); 1 = uniform.")
+    lr: float = Field(3e-4, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    batch_size: int = Field(8, ge=1, description="Records per optimizer step per worker.")
+    max_seq_len: int = Field(512, ge=2, description="Prompt + output tokens per record (the prompt is cut from "
+                             "the left).")
+    steps: int | None = Field(None, ge=1, description="Optimizer steps; unset: `epochs` passes over the data.")
+    epochs: int = Field(1, ge=1, description="Passes over the train split when `steps` is unset.")
+    grad_clip: float | None = Field(1.0, description="Max gradient norm (unset: no clipping).")
+    train_head: bool = Field(True, description="Also train the final norm and a separate (trimmed or untied) "
+                             "head.")
+    full_teacher_logits: bool = Field(False, description="Recompute the target's full logits on each batch "
+                                      "instead of reading the logged top-k (loads the target per worker).")
+    layer_parallel_groups: PositiveInt | tuple[PositiveInt, ...] | None = Field(
+        None, description="Layer-parallel-aware training: the sequential and the grouped forward's losses "
+        "averaged (layer_parallel.training_forward). A group size, or the serving plan's consecutive group "
+        "sizes (engine.layer_parallel_group_sizes, e.g. [1, 2, 2, 2, 1]); unset, 1 or all ones: sequential only.")
+    feature_loss_weight: float = Field(1.0, ge=0, description="A feature-reading drafter: weight of its "
+                                       "regression of the target's next feature, beside the token divergence.")
+    feature_cache_gb: float = Field(2.0, ge=0, description="A feature-reading drafter: GB of target features "
+                                    "(float16) kept per worker, so later epochs skip the target's forward "
+                                    "(TargetFeatureCache); 0 recomputes every time.")
+    seed: int = Field(0, description="Data order and initialization seed.")
 
-    @property
-    def input_lengths(self) -> torch.Tensor:
-        """[B] real (unpadded) length of each row of input_ids: its last predicting position + 1."""
-        return (self.pred_positions * self.mask).amax(1) + 1
-
-    def to(self, device: torch.device | str) -> "DistillBatch":
-        return DistillBatch(**{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
-
-
-def _field(record: Any, name: str):
-    return record[name] if isinstance(record, Mapping) else getattr(record, name)
-
-
-def collate(records: Sequence[Any], *, max_seq_len: int = 512, pad_id: int = 0) -> DistillBatch:
-    """Records (TrafficRecord or dataset rows with the traffic columns) -> one padded DistillBatch.
-
-    Records with no output token or no prompt are skipped. A record longer than `max_seq_len` keeps
-    at most half the budget for its prompt tail when the output needs the rest, then the output head.
-    """
-    rows = []
-    for rec in records:
-        prompt = list(_field(rec, "prompt_token_ids"))
-        output = list(_field(rec, "output_token_ids"))
-        if not prompt or not output:
-            continue
-        n_out = min(len(output), max_seq_len - min(len(prompt), max_seq_len // 2))
-        n_prompt = min(len(prompt), max_seq_len - n_out)
-        prompt = prompt[len(prompt) - n_prompt:]
-        rows.append((prompt, output[:n_out], _field(rec, "target_topk_ids")[:n_out],
-                     _field(rec, "target_topk_logprobs")[:n_out], list(_field(rec, "accept_mask"))[:n_out]))
-    if not rows:
-        raise ValueError("collate got no record with both prompt and output tokens")
-    k = max(len(r[2][0]) for r in rows)
-    if k == 0 or any(len(ids) != k for r in rows for ids in r[2]):
-        raise ValueError("records disagree on the teacher top-k width (or it is 0): log with one topk_logprobs")
-    b = len(rows)
-    seq_len = max(len(p) + len(o) - 1 for p, o, *_ in rows)
-    t = max(len(o) for _, o, *_ in rows)
-    input_ids = torch.full((b, seq_len), pad_id, dtype=torch.long)
-    pred_positions = torch.zeros(b, t, dtype=torch.long)
-    output_ids = torch.zeros(b, t, dtype=torch.long)
-    topk_ids = torch.zeros(b, t, k, dtype=torch.long)
-    topk_logprobs = torch.full((b, t, k), -math.log(k), dtype=torch.float32)
-    mask = torch.zeros(b, t, dtype=torch.bool)
-    accept = torch.zeros(b, t, dtype=torch.bool)
-    for i, (prompt, output, ids, logprobs, acc) in enumerate(rows):
-        seq = prompt + output[:-1]
-        n = len(output)
-        input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        pred_positions[i, :n] = torch.arange(len(prompt) - 1, len(prompt) - 1 + n)
-        output_ids[i, :n] = torch.tensor(output, dtype=torch.long)
-        topk_ids[i, :n] = torch.tensor(ids, dtype=torch.long)
-        topk_logprobs[i, :n] = torch.tensor(logprobs, dtype=torch.float32)
-        mask[i, :n] = True
-        accept[i, : len(acc)] = torch.tensor(acc, dtype=torch.bool)
-    return DistillBatch(input_ids, pred_positions, output_ids, topk_ids, topk_logprobs, mask, accept)
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, value: str) -> str:
+        if value not in losses.DIVERGENCES:
+            raise ValueError(f"loss {value!r} unknown; choose one of {sorted(losses.DIVERGENCES)}")
+        return value
 
 
 class DistillStudent(nn.Module):
-    """A drafter as one trainable module (what DDP / DeepSpeed wrap): HF decoder + full or trimmed head."""
+    """A drafter as one trainable module (what DDP / DeepSpeed wrap): HF decoder + full or trimmed head.
+
+    It trains a copy: the parameters it trains are its own, the frozen ones (the embeddings, which a
+    derived drafter shares with the target) are shared read-only, and the given drafter (possibly one that
+    serves) keeps its weights and its parameters' `requires_grad` flags.
+    """
 
     def __init__(self, drafter: Drafter, *, train_head: bool = True,
                  layer_parallel_groups: int | Sequence[int] | None = None):
         super().__init__()
-        self.model = drafter.model
+        self.model = _training_copy(drafter.model, train_norm=train_head,
+                                    train_lm_head=train_head and drafter.head_weight is None)
         self.meta = dict(drafter.meta)
         self.layer_parallel_plan = None  # the grouped forward's plan when layer-parallel-aware
         # [H, 2H]: the input map of a drafter that reads the target's features (always trained)
@@ -185,26 +121,18 @@ class DistillStudent(nn.Module):
             plan = as_plan(layer_parallel_groups, self.model.config.num_hidden_layers)
             self.layer_parallel_plan = None if plan.is_sequential else plan
         if drafter.head_weight is not None:
-            self.head = nn.Parameter(drafter.head_weight.detach().clone().float().to(drafter.head_weight.dtype))
+            self.head = nn.Parameter(drafter.head_weight.detach().clone().float().to(drafter.head_weight.dtype),
+                                     requires_grad=train_head)
             self.register_buffer("head_token_ids", drafter.head_token_ids.clone().long())
         else:
             self.head = None
             self.head_token_ids = None
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        for p in self.model.model.layers.parameters():
-            p.requires_grad_(True)
-        if train_head:
-            for p in self.model.model.norm.parameters():
-                p.requires_grad_(True)
-            if self.head is None:
-                lm_head = self.model.get_output_embeddings().weight
-                if lm_head is self.model.get_input_embeddings().weight:
-                    logger.info("the drafter's head is tied to its (frozen, shared) embeddings: head stays frozen")
-                else:
-                    lm_head.requires_grad_(True)
-        elif self.head is not None:
-            self.head.requires_grad_(False)
+
+
+    @classmethod
+    def for_config(cls, drafter: Drafter, config: DistillConfig) -> "DistillStudent":
+        """The student `config` trains (its head and layer-parallel settings)."""
+        return cls(drafter, train_head=config.train_head, layer_parallel_groups=config.layer_parallel_groups)
 
     @property
     def vocab_ids(self) -> torch.Tensor | None:
@@ -276,6 +204,36 @@ class DistillStudent(nn.Module):
         fc = None if self.feature_fc is None else self.feature_fc.detach().clone()
         return Drafter(self.model, dict(self.meta), head_token_ids=ids, head_weight=head, version=version,
                        feature_fc=fc)
+
+
+def _trained_names(model: nn.Module, *, train_norm: bool, train_lm_head: bool) -> set[str]:
+    """Names of the parameters training updates: the decoder layers, the final norm when asked, and the
+    lm_head when asked and not tied to the (frozen) embeddings."""
+    names = {f"model.layers.{n}" for n, _ in model.model.layers.named_parameters()}
+    if train_norm:
+        names |= {f"model.norm.{n}" for n, _ in model.model.norm.named_parameters()}
+    if train_lm_head:
+        lm_head = model.get_output_embeddings().weight
+        if lm_head is model.get_input_embeddings().weight:
+            logger.info("the drafter's head is tied to its (frozen, shared) embeddings: head stays frozen")
+        else:
+            names |= {n for n, p in model.named_parameters() if p is lm_head}
+    return names
+
+
+def _training_copy(model: nn.Module, **trained) -> nn.Module:
+    """A copy of `model` whose trained parameters are its own tensors (requires_grad) and whose frozen ones
+    share the original's storage through parameters of their own (requires_grad False): nothing of `model`,
+    its weights or flags, changes when the copy trains."""
+    trained = _trained_names(model, **trained)
+    memo: dict[int, object] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name not in trained and id(p) not in memo:
+            memo[id(p)] = nn.Parameter(p.detach(), requires_grad=False)
+    copy = _copy.deepcopy(model, memo)
+    for name, p in copy.named_parameters():
+        p.requires_grad_(name in trained)
+    return copy
 
 
 def _unwrap(student: nn.Module) -> DistillStudent:
@@ -433,3 +391,106 @@ def train_step(student: nn.Module, optimizer: torch.optim.Optimizer, batch: Dist
         stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(trainable_parameters(student), config.grad_clip))
     optimizer.step()
     return stats
+
+
+# ------------------------------------------------------------------------------------------- the loop
+
+
+def total_steps(config: DistillConfig, records: int, world: int = 1) -> int:
+    """Optimizer steps of a run: `steps`, or `epochs` passes of `world` workers over `records`."""
+    return config.steps or config.epochs * _steps_per_epoch(config, records, world)
+
+
+def _steps_per_epoch(config: DistillConfig, records: int, world: int) -> int:
+    return max(1, math.ceil(records / (config.batch_size * world)))
+
+
+def batch_indices(config: DistillConfig, records: int, step: int, *, rank: int = 0, world: int = 1) -> list[int]:
+    """The records worker `rank` of `world` trains on at `step`: a fresh permutation per epoch (seeded by
+    seed + epoch, the same on every worker), each worker reading its own slice of it, wrapping at the end.
+    A function of the step alone, so a run resumed from a checkpoint sees the data it would have seen."""
+    epoch, within = divmod(step, _steps_per_epoch(config, records, world))
+    order = torch.randperm(records, generator=torch.Generator().manual_seed(config.seed + epoch)).tolist()
+    first = (within * world + rank) * config.batch_size
+    return [order[(first + i) % records] for i in range(config.batch_size)]
+
+
+class TrainCallback:
+    """Hooks of `train` (each a no-op here): subclass and override what a caller needs."""
+
+    def before_step(self, step: int) -> bool:
+        """Called before each step; False stops the run before it (a time budget)."""
+        return True
+
+    def after_step(self, step: int, stats: dict[str, float]) -> None:
+        """Called after each step with its stats (progress bars)."""
+
+    def report(self, metrics: dict[str, float], *, checkpoint: bool) -> None:
+        """Called every `report_every` steps, every `checkpoint_every` steps (checkpoint=True) and after the
+        last step (checkpoint=True), with the figures averaged since the previous report."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int  # steps done, counting those before a resume
+    total_steps: int
+    tokens_per_worker: float
+    last_stats: dict
+
+
+_WINDOW_KEYS = ("loss", "top1_match", "tokens", "top1_match_layer_parallel", "feature_loss")
+
+
+def train(student: DistillStudent, data, config: DistillConfig, *, model: nn.Module | None = None,
+          step_fn: Callable[[DistillBatch, torch.Tensor | None], dict] | None = None,
+          target_model: nn.Module | None = None, device: torch.device | str = "cpu", rank: int = 0, world: int = 1,
+          start_step: int = 0, tokens_per_worker: float = 0.0, report_every: int | None = None,
+          checkpoint_every: int | None = None, callbacks: Sequence[TrainCallback] = ()) -> TrainResult:
+    """Train `student` on `data` (a column-oriented dataset of traffic rows, `datasets.Dataset`).
+
+    `model` is what runs the step (the student, or its DDP wrapper); `step_fn(batch, target_features)`
+    takes one optimizer step and returns its stats (default: `train_step` with AdamW over `model`; a
+    DeepSpeed engine passes its own). `target_model` is needed for `full_teacher_logits` and for a
+    feature-reading drafter, whose target features are cached per record (`feature_cache_gb`).
+    """
+    model = model if model is not None else student
+    if step_fn is None:
+        optimizer = make_optimizer(model, config)
+
+        def step_fn(batch, features):
+            return train_step(model, optimizer, batch, config, target_model=target_model, target_features=features)
+
+    feature_cache = None
+    if student.reads_target_features:
+        if target_model is None:
+            raise ValueError("a feature-reading drafter trains on the target's features: pass target_model=")
+        feature_cache = TargetFeatureCache(target_model, config.feature_cache_gb * 2**30)
+    records, total = len(data), total_steps(config, len(data), world)
+    window: dict[str, float] = {"n": 0}
+    window_start, stats, done = time.perf_counter(), {}, start_step
+    for step in range(start_step, total):
+        if not all(callback.before_step(step) for callback in callbacks):
+            break
+        indices = batch_indices(config, records, step, rank=rank, world=world)
+        batch = collate(rows(data, indices), max_seq_len=config.max_seq_len).to(device)
+        stats = step_fn(batch, feature_cache.features(indices, batch) if feature_cache else None)
+        tokens_per_worker += stats["tokens"]
+        done = step + 1
+        for callback in callbacks:
+            callback.after_step(step, stats)
+        for key in _WINDOW_KEYS:
+            if key in stats:  # the last two only in layer-parallel-aware or feature-drafter training
+                window[key] = window.get(key, 0.0) + stats[key]
+        window["n"] += 1
+        checkpoint = done == total or bool(checkpoint_every and done % checkpoint_every == 0)
+        if not checkpoint and not (report_every and done % report_every == 0):
+            continue
+        elapsed = time.perf_counter() - window_start
+        metrics = {"step": done, "total_steps": total, "epoch": step // _steps_per_epoch(config, records, world),
+                   "resumed_from_step": start_step, "tokens_per_s": window.get("tokens", 0.0) * world / max(elapsed, 1e-9),
+                   "train_tokens": tokens_per_worker * world}
+        metrics.update({k: window[k] / window["n"] for k in _WINDOW_KEYS if k in window and k != "tokens"})
+        window, window_start = {"n": 0}, time.perf_counter()
+        for callback in callbacks:
+            callback.report(metrics, checkpoint=checkpoint)
+    return TrainResult(done, total, tokens_per_worker, stats)

@@ -2,7 +2,7 @@
 
 What it does: decodes one list of prompts with the target and each drafter in a `SpecEngine` (same
 gamma, greedy and seeded sampling), sums the engine's per-request counters into acceptance rate,
-token acceptance and mean accepted length (DESIGN.md "Vocabulary"), times speculative decoding
+token acceptance and mean accepted length (docs/design.md, "Vocabulary"), times speculative decoding
 against plain autoregressive decoding of the same engine (gamma 0), and draws a comparison PNG.
 Also turns chat messages or the traffic log's most recent slice into prompt token ids.
 
@@ -292,30 +292,18 @@ def heldout_prompts_from_traffic(
 ) -> list[list[int]]:
     """Distinct prompts of the most recent `heldout_fraction` of the target's traffic (newest first).
 
-    The held-out slice is by time, as in the distillation dataset, so a challenger is never evaluated
-    on prompts it was trained on when both use the same fraction.
+    The held-out slice is the distillation dataset's (draftsmith.distill_data), so a challenger is never
+    evaluated on prompts it was trained on when both use the same fraction.
     """
-    from draftsmith.traffic import scan_traffic
+    from draftsmith.distill_data import build_distill_dataset, heldout_prompts
 
-    scan = scan_traffic(traffic_uri, since=since, until=until, target_id=target.model_id,
-                        target_revision=target.revision, tokenizer_hash=target.tokenizer_hash)
-    table = scan.table
-    if table.num_rows == 0:
-        raise ValueError(f"no traffic for target {target.model_id} ({target.revision}) under {traffic_uri}: "
+    data = build_distill_dataset(traffic_uri, target_id=target.model_id, target_revision=target.revision,
+                                 tokenizer_hash=target.tokenizer_hash, since=since, until=until,
+                                 heldout_fraction=heldout_fraction)
+    if len(data.heldout) == 0:
+        raise ValueError(f"no held-out traffic for target {target.model_id} ({target.revision}) under {traffic_uri}: "
                          "serve or backfill some, or pass a `sharegpt` / `jsonl:PATH` prompt source")
-    rows = sorted(zip(table["created_at"].to_pylist(), table["prompt_token_ids"].to_pylist()),
-                  key=lambda r: r[0], reverse=True)
-    rows = rows[: max(1, int(round(len(rows) * heldout_fraction)))]
-    seen, out = set(), []
-    for _, ids in rows:
-        key = tuple(ids)
-        if key in seen or not ids:
-            continue
-        seen.add(key)
-        out.append(list(ids[-max_prompt_tokens:]))
-        if len(out) >= n:
-            break
-    return out
+    return heldout_prompts(data.heldout, n=n, max_prompt_tokens=max_prompt_tokens)
 
 
 def self_drafter(target: LoadedModel) -> Drafter:

@@ -2,7 +2,7 @@
 
 What it does: takes what clients measured per request (dicts with phase, started, finished,
 completion_tokens, drafter_version, drafted, accepted, compared, steps, emitted_in_steps, error; see
-pipelines/replay.py), in completion order, and pools them with DESIGN.md's definitions:
+pipelines/replay.py), in completion order, and pools them with the definitions of docs/design.md ("Vocabulary"):
 token acceptance = accepted / compared, acceptance rate = accepted / drafted, mean accepted length =
 emitted_in_steps / steps. Throughput is output tokens over wall time between completions, so
 concurrent requests are not double-counted. `plot_timeline` draws token acceptance and tokens/s

@@ -3,14 +3,14 @@
 What it does: defines the log's schema (`TRAFFIC_SCHEMA`) and its row type
 (`TrafficRecord`); writes buffered records as Parquet files under
 `<root>/date=YYYY-MM-DD/hour=HH/`, each written under a hidden temporary name
-and renamed when complete, so a reader never sees half a file; reads them back
-with filters, skipping (and reporting) corrupt or truncated files instead of
-failing; deletes old date partitions; fingerprints tokenizers so records made
-with different vocabularies are never mixed.
+and renamed when complete, so a reader never sees half a file; fingerprints
+tokenizers so records made with different vocabularies are never mixed.
+Reading back with filters (skipping corrupt or truncated files) and deleting old
+date partitions live in `traffic_reader.py`; their names are importable from here.
 
 What it does not do: no Ray (the Serve logger in `serve/` and the pipelines in
 `pipelines/` wrap this), no deduplication or train/held-out split (see
-`pipelines/`), no schema migration beyond casting to `TRAFFIC_SCHEMA`.
+`draftsmith.distill_data`), no schema migration beyond casting to `TRAFFIC_SCHEMA`.
 
 `uri` is anything `pyarrow.fs.FileSystem.from_uri` accepts: a local path,
 `file://`, `s3://`, `gs://`... or pass `filesystem=` explicitly.
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import logging
 import os
 import re
@@ -28,11 +27,10 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -357,180 +355,15 @@ class TrafficWriter:
 
 
 # ---------------------------------------------------------------------------------------------
-# reading
+# reading and retention live in traffic_reader.py; their names stay importable from here
+
+_READER_NAMES = ("TrafficScan", "scan_traffic", "read_traffic", "read_traffic_table", "apply_retention")
 
 
-@dataclass
-class TrafficScan:
-    """What a read found: the matching rows, how many files were read, and which were skipped."""
+def __getattr__(name: str):
+    # Imported on first use: traffic_reader imports this module, so a top-level import would be circular.
+    if name in _READER_NAMES:
+        from draftsmith import traffic_reader
 
-    table: pa.Table
-    files_read: int = 0
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
-    # (path, rows) of records left out because they belong to another target, revision or tokenizer
-    mismatched: list[tuple[str, int]] = field(default_factory=list)
-
-    def records(self) -> Iterator[TrafficRecord]:
-        for row in self.table.to_pylist():
-            yield TrafficRecord.from_row(row)
-
-
-def _check_aware(name: str, t: dt.datetime | None) -> None:
-    if t is not None and t.tzinfo is None:
-        raise ValueError(f"{name} must be timezone-aware (e.g. datetime(..., tzinfo=timezone.utc))")
-
-
-def _list_files(fs: pafs.FileSystem, root: str) -> list[tuple[str, str]]:
-    """(path, path relative to root) of every visible .parquet file under root, sorted."""
-    selector = pafs.FileSelector(root, recursive=True, allow_not_found=True)
-    out = []
-    for info in fs.get_file_info(selector):
-        if info.type != pafs.FileType.File:
-            continue
-        rel = info.path[len(root):].lstrip("/")
-        if rel.endswith(".parquet") and not _hidden(rel):
-            out.append((info.path, rel))
-    return sorted(out)
-
-
-def _filter(table: pa.Table, since, until, equals: dict[str, str | None]) -> pa.Table:
-    ts = TRAFFIC_SCHEMA.field("created_at").type
-    conds = []
-    if since is not None:
-        conds.append(pc.greater_equal(table["created_at"], pa.scalar(since, type=ts)))
-    if until is not None:
-        conds.append(pc.less(table["created_at"], pa.scalar(until, type=ts)))
-    for col, value in equals.items():
-        if value is not None:
-            conds.append(pc.equal(table[col], value))
-    if not conds:
-        return table
-    mask = conds[0]
-    for c in conds[1:]:
-        mask = pc.and_(mask, c)
-    return table.filter(mask)
-
-
-def _iter_tables(uri, filesystem, since, until, equals, scan: TrafficScan) -> Iterator[pa.Table]:
-    _check_aware("since", since)
-    _check_aware("until", until)
-    fs, root = resolve_uri(uri, filesystem)
-    for path, rel in _list_files(fs, root):
-        hour = _partition_hour(rel)
-        # Partition pruning: a file in hour H only holds records from [H, H+1h).
-        if hour is not None and (
-            (since is not None and hour + dt.timedelta(hours=1) <= since)
-            or (until is not None and hour >= until)
-        ):
-            continue
-        try:
-            with fs.open_input_file(path) as f:
-                table = pq.read_table(f)
-            table = table.select(TRAFFIC_SCHEMA.names).cast(TRAFFIC_SCHEMA)
-        except Exception as e:  # one bad file must never stop a read
-            reason = f"{type(e).__name__}: {e}"
-            logger.warning(
-                "skipping unreadable traffic file %s (%s); it is corrupt, truncated or has the wrong "
-                "schema: move it out of the log or delete it", path, reason,
-            )
-            scan.skipped.append((path, reason))
-            continue
-        scan.files_read += 1
-        in_window = _filter(table, since, until, {})
-        kept = _filter(in_window, None, None, equals)
-        if kept.num_rows < in_window.num_rows:
-            n = in_window.num_rows - kept.num_rows
-            scan.mismatched.append((path, n))
-            wanted = ", ".join(f"{k}={v}" for k, v in equals.items() if v is not None)
-            logger.info("left out %d traffic records in %s: not for %s", n, path, wanted)
-        yield kept
-
-
-def scan_traffic(
-    uri: str | os.PathLike,
-    *,
-    since: dt.datetime | None = None,
-    until: dt.datetime | None = None,
-    target_id: str | None = None,
-    target_revision: str | None = None,
-    tokenizer_hash: str | None = None,
-    filesystem: pafs.FileSystem | None = None,
-) -> TrafficScan:
-    """Read every complete file under `uri` into one table, reporting skipped files.
-
-    `since` is inclusive, `until` exclusive (both timezone-aware); the other
-    filters keep rows whose column equals the value. Files whose name (or a
-    parent folder's) starts with `.` or `_` are ignored; unreadable files are
-    skipped with a warning and listed in `.skipped`. A missing root reads as empty.
-    """
-    scan = TrafficScan(table=TRAFFIC_SCHEMA.empty_table())
-    equals = {"target_id": target_id, "target_revision": target_revision, "tokenizer_hash": tokenizer_hash}
-    tables = list(_iter_tables(uri, filesystem, since, until, equals, scan))
-    if tables:
-        scan.table = pa.concat_tables(tables)
-    return scan
-
-
-def read_traffic_table(uri: str | os.PathLike, **filters) -> pa.Table:
-    """`scan_traffic(uri, **filters).table` (use `scan_traffic` to see skipped files)."""
-    return scan_traffic(uri, **filters).table
-
-
-def read_traffic(
-    uri: str | os.PathLike,
-    *,
-    since: dt.datetime | None = None,
-    until: dt.datetime | None = None,
-    target_id: str | None = None,
-    target_revision: str | None = None,
-    tokenizer_hash: str | None = None,
-    filesystem: pafs.FileSystem | None = None,
-    scan: TrafficScan | None = None,
-) -> Iterator[TrafficRecord]:
-    """Iterate matching records file by file (same filters as `scan_traffic`).
-
-    Pass a `TrafficScan` as `scan` to collect `files_read` and `skipped`; its
-    `table` is left empty.
-    """
-    scan = scan if scan is not None else TrafficScan(table=TRAFFIC_SCHEMA.empty_table())
-    equals = {"target_id": target_id, "target_revision": target_revision, "tokenizer_hash": tokenizer_hash}
-    for table in _iter_tables(uri, filesystem, since, until, equals, scan):
-        for row in table.to_pylist():
-            yield TrafficRecord.from_row(row)
-
-
-# ---------------------------------------------------------------------------------------------
-# retention
-
-
-def apply_retention(
-    uri: str | os.PathLike,
-    *,
-    older_than_days: float,
-    now: dt.datetime | None = None,
-    filesystem: pafs.FileSystem | None = None,
-) -> list[str]:
-    """Delete every `date=` partition whose whole day ended more than `older_than_days` ago.
-
-    Returns the deleted directory paths. Folders that are not `date=YYYY-MM-DD` are left alone.
-    """
-    now = now or dt.datetime.now(UTC)
-    _check_aware("now", now)
-    cutoff = now - dt.timedelta(days=older_than_days)
-    fs, root = resolve_uri(uri, filesystem)
-    deleted = []
-    for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
-        name = info.base_name
-        if info.type != pafs.FileType.Directory or not name.startswith("date="):
-            continue
-        try:
-            day = dt.datetime.strptime(name[len("date="):], "%Y-%m-%d").replace(tzinfo=UTC)
-        except ValueError:
-            logger.debug("retention: ignoring %s (not date=YYYY-MM-DD)", info.path)
-            continue
-        if day + dt.timedelta(days=1) <= cutoff:
-            fs.delete_dir(info.path)
-            deleted.append(info.path)
-    if deleted:
-        logger.info("retention: deleted %d date partitions under %s", len(deleted), root)
-    return sorted(deleted)
+        return getattr(traffic_reader, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,13 +5,14 @@ import random
 import pytest
 import torch
 
+from draftsmith.distill import DistillConfig
 from draftsmith.models import derive_drafter, load_drafter, tiny_model
 from draftsmith.registry import CHALLENGER, DrafterRegistry
 from draftsmith.specdec import EngineConfig, Request, SpecEngine, runner_for
 from draftsmith.sampling import SamplingParams
 from jobs.distill import DistillJobConfig, FaultInjection, deepspeed_config, run_distill
 from pipelines.backfill import generate_traffic
-from pipelines.dataset import build_distill_dataset
+from draftsmith.distill_data import build_distill_dataset
 
 pytestmark = pytest.mark.integration
 
@@ -45,15 +46,16 @@ def token_acceptance(target, drafter, prompts, gamma=4):
     return accepted / compared
 
 
-def _config(traffic, tmp_path, mlflow_server, **kw):
-    base = dict(traffic_uri=traffic, target="tiny", drafter="derived:first1", lr=3e-3, batch_size=8,
+def _config(traffic, tmp_path, mlflow_server, steps, **kw):
+    base = dict(traffic_uri=traffic, target="tiny", drafter="derived:first1",
+                train=DistillConfig(lr=3e-3, batch_size=8, steps=steps),
                 num_workers=2, checkpoint_every=10, log_every=5, state_dir=str(tmp_path / "state"),
                 tracking_uri=mlflow_server.url, heldout_fraction=0.15)
     return DistillJobConfig(**{**base, **kw})
 
 
 def test_distillation_raises_heldout_acceptance_and_registers(ray_cluster, mlflow_server, traffic, target, tmp_path):
-    cfg = _config(traffic, tmp_path, mlflow_server, steps=40, model_name="distill-e2e", run_name="e2e")
+    cfg = _config(traffic, tmp_path, mlflow_server, 40, model_name="distill-e2e", run_name="e2e")
     heldout = build_distill_dataset(traffic, target_id="tiny", target_revision=target.revision,
                                     tokenizer_hash=target.tokenizer_hash, heldout_fraction=0.15).heldout
     prompts = heldout["prompt_token_ids"]
@@ -77,7 +79,7 @@ def test_distillation_raises_heldout_acceptance_and_registers(ray_cluster, mlflo
 def test_feature_drafter_distils_through_the_job(ray_cluster, mlflow_server, traffic, target, tmp_path):
     """An EAGLE-style drafter (feature:<layers>) through Ray Train DDP: the workers load the target for its
     features, the challenger keeps its input map, the registry tags its kind, held-out acceptance rises."""
-    cfg = _config(traffic, tmp_path, mlflow_server, drafter="feature:last1", steps=30, model_name="distill-feature",
+    cfg = _config(traffic, tmp_path, mlflow_server, 30, drafter="feature:last1", model_name="distill-feature",
                   run_name="feature")
     heldout = build_distill_dataset(traffic, target_id="tiny", target_revision=target.revision,
                                     tokenizer_hash=target.tokenizer_hash, heldout_fraction=0.15).heldout
@@ -96,9 +98,10 @@ def test_feature_drafter_distils_through_the_job(ray_cluster, mlflow_server, tra
 
 def test_deepspeed_zero2_on_cpu_runs_a_few_steps(ray_cluster, traffic, tmp_path):
     # layer-parallel-aware on top: both forwards through the DeepSpeed engine's one forward per step
-    cfg = DistillJobConfig(traffic_uri=traffic, target="tiny", drafter="derived:first2", steps=4, lr=3e-3,
+    cfg = DistillJobConfig(traffic_uri=traffic, target="tiny", drafter="derived:first2",
+                           train=DistillConfig(steps=4, lr=3e-3, layer_parallel_groups=2),
                            num_workers=2, strategy="deepspeed", zero_stage=2, checkpoint_every=2, log_every=2,
-                           layer_parallel_groups=2, state_dir=str(tmp_path / "state"), run_name="ds")
+                           state_dir=str(tmp_path / "state"), run_name="ds")
     assert deepspeed_config(cfg)["zero_optimization"] == {"stage": 2}
     outcome = run_distill(cfg)
     assert outcome.metrics["step"] == 4 and outcome.registered_version is None
@@ -108,7 +111,7 @@ def test_deepspeed_zero2_on_cpu_runs_a_few_steps(ray_cluster, traffic, tmp_path)
 
 def test_resume_after_a_killed_worker(ray_cluster, mlflow_server, traffic, target, tmp_path):
     marker = tmp_path / "died"
-    cfg = _config(traffic, tmp_path, mlflow_server, steps=12, checkpoint_every=5, max_failures=1,
+    cfg = _config(traffic, tmp_path, mlflow_server, 12, checkpoint_every=5, max_failures=1,
                   model_name="distill-resume", run_name="resume",
                   fault_injection=FaultInjection(step=7, marker=str(marker), rank=1))
     outcome = run_distill(cfg)
@@ -120,7 +123,7 @@ def test_resume_after_a_killed_worker(ray_cluster, mlflow_server, traffic, targe
 
 
 def test_deferred_when_serving_is_busy(ray_cluster, traffic, tmp_path):
-    from jobs.distill import serving_load
+    from serve.load import serving_load
 
     assert serving_load() == 0.0  # Serve is not running in this cluster
     cfg = DistillJobConfig(traffic_uri=traffic, target="tiny", drafter="derived:first1",

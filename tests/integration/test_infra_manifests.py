@@ -1,8 +1,9 @@
 """Every file under infra/ checked against the code: import paths, config keys, resource figures, metric names.
 
 Fast: nothing starts (no Ray, no MLflow server); modules are imported and config classes validated.
-A check whose config class does not exist yet skips with the reason; once the class exists, it is a
-real assertion. A new file under infra/ must be claimed by a check below (test_every_file_is_checked).
+Nothing here skips: a config class, function or manifest that a check names and that is missing or
+renamed fails the check, so that a rename can never turn a check off silently. A new file under infra/
+must be claimed by a check below (test_every_file_is_checked).
 """
 
 from __future__ import annotations
@@ -58,15 +59,9 @@ def _doc(path: Path, kind: str | None = None) -> dict:
 
 
 def _code_class(module: str, name: str):
-    """The config class, or a skip saying it does not exist yet (a broken module still fails)."""
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as error:
-        if error.name and module.startswith(error.name):
-            pytest.skip(f"{module} does not exist yet: cannot check against {module}.{name}")
-        raise
-    if not hasattr(mod, name):
-        pytest.skip(f"{module}.{name} does not exist yet")
+    """The config class; a missing module or class fails (renamed? update the check with it)."""
+    mod = importlib.import_module(module)
+    assert hasattr(mod, name), f"{module}.{name} does not exist: renamed? update {Path(__file__).name}"
     return getattr(mod, name)
 
 
@@ -134,21 +129,13 @@ def _rayservice_app() -> tuple[dict, dict]:
     return service, apps[0]
 
 
-# Fields the manifests use that the serving config may not have yet: (field, what it is for).
-_PENDING_SERVE_FIELDS = {"auth_token_env": "name of the environment variable holding the bearer token"}
-
-
 def _validated_serve_args(args: dict, where: str):
-    """ServeAppConfig of `args`; fields listed in _PENDING_SERVE_FIELDS that the class lacks are set aside."""
+    """ServeAppConfig of `args` (every key validated)."""
     cls = _code_class(*SERVE_CONFIG)
-    fields = set(cls.model_fields)
-    pending = {k: v for k, v in args.items() if k in _PENDING_SERVE_FIELDS and k not in fields}
-    rest = {k: v for k, v in args.items() if k not in pending}
     try:
-        cfg = cls.model_validate(rest)
+        return cls.model_validate(args)
     except Exception as error:  # pydantic.ValidationError: show which file
         pytest.fail(f"{where}: app args do not validate against {SERVE_CONFIG[0]}.{SERVE_CONFIG[1]}: {error}")
-    return cfg, pending
 
 
 def _mlflow_service_url() -> str:
@@ -218,14 +205,10 @@ def test_serve_app_import_path_and_args(where, app):
         parse = importlib.import_module(SERVE_CONFIG[0]).parse_app_args
         parse(args)
         return
-    cfg, pending = _validated_serve_args(args, where)
+    cfg = _validated_serve_args(args, where)
     if cfg.placement.bundles:
         first = cfg.placement.bundles[0]
         assert cfg.placement.num_cpus <= first.get("CPU", 0) and cfg.placement.num_gpus <= first.get("GPU", 0)
-    if pending:
-        pytest.skip(f"{where}: every other key validated; {sorted(pending)} "
-                    f"({', '.join(_PENDING_SERVE_FIELDS[k] for k in pending)}) is not a field of "
-                    f"{'.'.join(SERVE_CONFIG)} yet")
 
 
 # -------------------------------------------------------------------------------- KubeRay RayService
@@ -243,7 +226,7 @@ def test_rayservice_is_the_serve_yaml_app():
 
 def test_rayservice_production_settings():
     service, app = _rayservice_app()
-    cfg, _ = _validated_serve_args(dict(app["args"]), "RayService")
+    cfg = _validated_serve_args(dict(app["args"]), "RayService")
     assert cfg.traffic.enabled and cfg.traffic.uri.startswith("s3://"), "traffic log must be on object storage"
     assert cfg.mlflow_tracking_uri == _mlflow_service_url(), \
         f"the replicas watch {cfg.mlflow_tracking_uri}, but infra/mlflow/mlflow.yaml serves {_mlflow_service_url()}"
@@ -264,17 +247,12 @@ def test_rayservice_auth_token_from_secret():
         for container in group["template"]["spec"]["containers"]:
             assert _env_from_secret(container, env_name), \
                 f"container {container['name']} does not set {env_name} from a Secret (secretKeyRef)"
-    fields = set(_code_class(*SERVE_CONFIG).model_fields)
-    if "auth_token_env" not in fields:
-        other = sorted(f for f in fields if f.startswith("auth") and f != "auth_token")
-        assert not other, f"the manifest uses auth_token_env but {'.'.join(SERVE_CONFIG)} calls it {other}"
-        pytest.skip(f"{'.'.join(SERVE_CONFIG)} has only a literal auth_token; the manifest's auth_token_env "
-                    "(token from a Kubernetes Secret via env var) needs that field in serve/config.py")
+    assert _validated_serve_args(dict(args), "RayService").auth_token_env == env_name
 
 
 def test_rayservice_resources_agree():
     service, app = _rayservice_app()
-    cfg, _ = _validated_serve_args(dict(app["args"]), "RayService")
+    cfg = _validated_serve_args(dict(app["args"]), "RayService")
     cluster = service["spec"]["rayClusterConfig"]
     head = _group_resources(cluster["headGroupSpec"], "RayService head")
     assert head["GPU"] == 0, "GPUs belong to the worker groups"
@@ -339,8 +317,8 @@ def _distill_config_of_rayjob(monkeypatch):
     """The DistillJobConfig that the RayJob's entrypoint builds, through jobs.distill's own CLI parsing."""
     cls = _code_class("jobs.distill", "DistillJobConfig")
     distill = importlib.import_module("jobs.distill")
-    if not hasattr(distill, "run_distill"):
-        pytest.skip("jobs.distill.run_distill does not exist yet")
+    for name in ("run_distill", "main", "DistillOutcome"):
+        assert hasattr(distill, name), f"jobs.distill.{name} does not exist: renamed? update this check"
     job = _doc(RAYJOB, "RayJob")
     command = _entrypoint_commands(job["spec"]["entrypoint"])[0]
     captured = []
@@ -359,7 +337,7 @@ def _distill_config_of_rayjob(monkeypatch):
 def test_rayjob_distill_config_validates_and_matches_serving(monkeypatch):
     job, cfg = _distill_config_of_rayjob(monkeypatch)
     _, app = _rayservice_app()
-    serving, _ = _validated_serve_args(dict(app["args"]), "RayService")
+    serving = _validated_serve_args(dict(app["args"]), "RayService")
     assert cfg.strategy == "deepspeed" and cfg.use_gpu
     assert cfg.target == serving.target, "the job must distill for the target that is served (traffic is per target)"
     assert cfg.traffic_uri == serving.traffic.uri, "the job must read the traffic log that serving writes"
@@ -431,7 +409,7 @@ def test_ray_cluster_launcher_config():
 def test_ray_cluster_launcher_fits_serving_and_distillation():
     cfg = _doc(CLUSTER)
     _, app = _rayservice_app()
-    serving, _ = _validated_serve_args(dict(app["args"]), "RayService")
+    serving = _validated_serve_args(dict(app["args"]), "RayService")
     types = {n: t for n, t in cfg["available_node_types"].items() if n != cfg["head_node_type"]}
     serve_types = {n: t for n, t in types.items() if "distill" not in t["resources"]}
     spare_types = {n: t for n, t in types.items() if "distill" in t["resources"]}
@@ -583,8 +561,7 @@ def _ray_serve_metric_names() -> set[str]:
 
 def test_grafana_metrics_exist_in_serving_code():
     metrics = exported_metrics()
-    if not metrics:
-        pytest.skip("serve/ defines no ray.util.metrics yet")
+    assert metrics, "serve/ defines no ray.util.metrics, but the Grafana dashboard reads them"
     serve_builtin = None
     used = set()
     for expr in _dashboard_exprs():
@@ -638,8 +615,7 @@ def test_grafana_dashboard_structure():
 @pytest.mark.parametrize("name", sorted(CONFIG_CLASSES))
 def test_config_file_validates(name):
     path = INFRA / name
-    if not path.exists():
-        pytest.skip(f"infra/{name} does not exist")
+    assert path.exists(), f"infra/{name} does not exist (CONFIG_CLASSES names it)"
     cls = _code_class(*CONFIG_CLASSES[name])
     data = yaml.safe_load(path.read_text()) or {}
     try:

@@ -1,6 +1,5 @@
 """Distillation core: batching, the student forward, losses on engine traffic, the trimmed head, weighting."""
 
-import dataclasses
 import math
 
 import pytest
@@ -17,7 +16,7 @@ from draftsmith.distill import (
 )
 from draftsmith.models import derive_drafter, frequent_token_ids, tiny_model
 from pipelines.backfill import backfill, generate_records
-from pipelines.dataset import build_distill_dataset
+from draftsmith.distill_data import build_distill_dataset
 
 PROMPTS = ["hello there", "what is a cat?", "count to five", "tell me a story", "abc abc abc", "why?"]
 
@@ -96,6 +95,64 @@ def test_embeddings_frozen_layers_trained(target, records):
     _train(student, collate(records), DistillConfig(lr=1e-2), 2)
     assert torch.equal(embed, student.model.get_input_embeddings().weight)
     assert not torch.equal(layer, student.model.model.layers[0].mlp.down_proj.weight)
+
+
+@pytest.mark.parametrize("train_head", [True, False])
+def test_student_leaves_the_given_drafter_untouched(target, records, train_head):
+    """A served drafter handed to DistillStudent keeps its parameters' requires_grad flags and its weights."""
+    ids = frequent_token_ids([r.output_token_ids for r in records], 64, always=target.eos_token_ids)
+    for drafter in (derive_drafter(target, "first1"), derive_drafter(target, "first1", draft_vocab_ids=ids)):
+        for p in drafter.model.parameters():
+            p.requires_grad_(False)  # as an inference-only (served) drafter has them
+        flags = {n: p.requires_grad for n, p in drafter.model.named_parameters()}
+        weights = {n: p.detach().clone() for n, p in drafter.model.named_parameters()}
+        target_flags = [p.requires_grad for p in target.model.parameters()]
+        student = DistillStudent(drafter, train_head=train_head)
+        _train(student, collate(records), DistillConfig(lr=1e-2), 1)
+        assert {n: p.requires_grad for n, p in drafter.model.named_parameters()} == flags
+        assert all(torch.equal(weights[n], p) for n, p in drafter.model.named_parameters())
+        assert [p.requires_grad for p in target.model.parameters()] == target_flags
+        trained = {n for n, p in student.named_parameters() if p.requires_grad}
+        assert any(".layers." in n for n in trained) and not any("embed_tokens" in n for n in trained)
+        assert (any(".norm." in n for n in trained)) == train_head
+
+
+def test_bench_and_job_train_with_one_loop_and_data_order(target, records):
+    """draftsmith.distill.train is the loop of both the Ray Train worker and the in-process benchmark: the
+    data order is a function of (seed, step, rank, world), and two runs of the same config agree exactly."""
+    import datasets
+
+    from draftsmith.distill import TrainCallback, batch_indices, total_steps, train
+
+    data = datasets.Dataset.from_list([{k: getattr(r, k) for k in ("prompt_token_ids", "output_token_ids",
+                                        "target_topk_ids", "target_topk_logprobs", "accept_mask")} for r in records])
+    config = DistillConfig(lr=3e-3, batch_size=2, epochs=2, seed=3)
+    assert total_steps(config, len(data)) == 6 and total_steps(config, len(data), world=2) == 4
+    epoch = sorted(i for step in range(3) for i in batch_indices(config, len(data), step))
+    assert epoch == list(range(len(data)))  # one epoch sees every record once
+    shards = [batch_indices(config, len(data), 0, rank=r, world=2) for r in (0, 1)]
+    assert not set(shards[0]) & set(shards[1])
+
+    class Seen(TrainCallback):
+        def __init__(self):
+            self.reports, self.losses = [], []
+
+        def after_step(self, step, stats):
+            self.losses.append(stats["loss"])
+
+        def report(self, metrics, *, checkpoint):
+            self.reports.append((metrics["step"], checkpoint))
+
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        seen = Seen()
+        result = train(DistillStudent(derive_drafter(target, "first1")), data, config, report_every=2,
+                       checkpoint_every=4, callbacks=[seen])
+        runs.append((seen, result))
+    (a, ra), (b, rb) = runs
+    assert a.losses == b.losses and ra.step == 6 and ra.tokens_per_worker == rb.tokens_per_worker > 0
+    assert a.reports == [(2, False), (4, True), (6, True)]
 
 
 def test_trimmed_head_trains_and_maps_ids(target, records):
@@ -226,8 +283,10 @@ def test_target_feature_cache_reuses_records_within_its_budget(target, records):
 def test_config_is_validated():
     with pytest.raises(ValueError, match="loss"):
         DistillConfig(loss="mse")
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(ValueError, match="frozen"):
         DistillConfig().lr = 1.0  # type: ignore[misc]
+    with pytest.raises(ValueError, match="jsd_beta"):
+        DistillConfig(jsd_beta=1.0)
 
 
 def test_dataset_dedupes_and_splits_by_time(tmp_path, target, records):

@@ -1,4 +1,4 @@
-"""draftsmith.timeline pools served figures with DESIGN.md's definitions, in windows that never overlap."""
+"""draftsmith.timeline pools served figures with docs/design.md's definitions, in windows that never overlap."""
 
 import pytest
 from draftsmith.timeline import format_table, phase_summary, plot_timeline, windows

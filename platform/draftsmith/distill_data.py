@@ -1,0 +1,255 @@
+"""Traffic log -> distillation dataset, the held-out split, and the padded batches training reads.
+
+What it does: selects the records of one target (id, revision, tokenizer fingerprint) in a time window
+through `draftsmith.traffic.scan_traffic` (unreadable files are skipped and listed), drops records with
+no output, deduplicates identical (prompt ids, output ids) pairs keeping the earliest, sorts by time and
+holds out the most recent `heldout_fraction` (`heldout_count`, THE held-out rule: the distillation job
+trains on the rest and the evaluation job measures on exactly this slice, so a challenger is never
+evaluated on prompts it was trained on). Returns both parts as `datasets.Dataset`s over the Arrow table
+with the columns training needs, plus stats. `heldout_prompts` turns the held-out part into distinct
+prompts, newest first; `collate` turns records or dataset rows into one right-padded `DistillBatch`.
+
+What it does not do: train or evaluate, tokenize text, or touch Ray (the job ships the train part to its
+workers with `save_to_disk`). ShareGPT's fixed train / held-out split of a static corpus (by conversation
+id) is `datasets_io.sharegpt_split`; this module splits logged traffic, by time.
+
+Positions. The target's top-k logged at output position j is its distribution for output token j,
+computed from the sequence up to (and excluding) that token, i.e. at index `prompt_len - 1 + j` of
+prompt + output. Batches are right-padded, so causal attention never lets a real position see padding
+and no attention mask is needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import logging
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from draftsmith.traffic import scan_traffic
+
+logger = logging.getLogger(__name__)
+
+TRAIN_COLUMNS = (
+    "request_id", "created_at", "source", "drafter_version", "temperature",
+    "prompt_token_ids", "output_token_ids", "target_topk_ids", "target_topk_logprobs", "accept_mask",
+)
+
+
+# ---------------------------------------------------------------------------------------------- dataset
+
+
+@dataclasses.dataclass
+class DistillData:
+    train: "datasets.Dataset"  # noqa: F821
+    heldout: "datasets.Dataset"  # noqa: F821
+    stats: dict = dataclasses.field(default_factory=dict)
+
+
+def heldout_count(records: int, heldout_fraction: float) -> int:
+    """How many of `records` time-ordered records are held out: the most recent ceil(n * fraction), at
+    least one record always left to train on, none when the fraction is 0 or there is one record."""
+    if not 0.0 <= heldout_fraction < 1.0:
+        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+    if heldout_fraction == 0 or records <= 1:
+        return 0
+    return min(math.ceil(records * heldout_fraction), records - 1)
+
+
+def _dedupe_keys(table: pa.Table) -> list[bytes]:
+    keys = []
+    for prompt, output in zip(table["prompt_token_ids"].to_numpy(zero_copy_only=False),
+                              table["output_token_ids"].to_numpy(zero_copy_only=False)):
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(np.asarray(prompt, dtype=np.int32).tobytes())
+        digest.update(b"|")
+        digest.update(np.asarray(output, dtype=np.int32).tobytes())
+        keys.append(digest.digest())
+    return keys
+
+
+def _token_count(table: pa.Table, column: str) -> int:
+    if table.num_rows == 0:
+        return 0
+    return int(pc.sum(pc.list_value_length(table[column])).as_py() or 0)
+
+
+def _value_counts(column: pa.ChunkedArray) -> tuple[list, list]:
+    if len(column) == 0:
+        return [], []
+    counts = pc.value_counts(column).flatten()
+    return counts[0].to_pylist(), counts[1].to_pylist()
+
+
+def build_distill_dataset(
+    traffic_uri: str,
+    *,
+    target_id: str,
+    target_revision: str,
+    tokenizer_hash: str,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+    heldout_fraction: float = 0.1,
+    sources: tuple[str, ...] | None = None,
+) -> DistillData:
+    """The train / held-out datasets of one target's traffic in [since, until), and their stats.
+
+    `sources` restricts to record sources ("served", "backfill"); None keeps both.
+    """
+    import datasets
+
+    heldout_count(0, heldout_fraction)  # validates the fraction before any I/O
+    scan = scan_traffic(traffic_uri, since=since, until=until, target_id=target_id,
+                        target_revision=target_revision, tokenizer_hash=tokenizer_hash)
+    table = scan.table
+    scanned = table.num_rows
+    if sources is not None and table.num_rows:
+        table = table.filter(pc.is_in(table["source"], pa.array(list(sources))))
+    table = table.filter(pc.greater(pc.list_value_length(table["output_token_ids"]), 0)) if table.num_rows else table
+    empty_outputs = scanned - table.num_rows if sources is None else None
+    # Earliest first (ties by request id) so that dedupe keeps the earliest and the split is by time.
+    table = table.sort_by([("created_at", "ascending"), ("request_id", "ascending")])
+    seen: set[bytes] = set()
+    keep = []
+    for i, key in enumerate(_dedupe_keys(table)):
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    duplicates = table.num_rows - len(keep)
+    table = table.take(pa.array(keep, type=pa.int64())) if duplicates else table
+    n = table.num_rows
+    n_heldout = heldout_count(n, heldout_fraction)
+    columns = table.select(list(TRAIN_COLUMNS))
+    train_table, heldout_table = columns.slice(0, n - n_heldout), columns.slice(n - n_heldout)
+    created = table["created_at"]
+    stats = {
+        "records_scanned": scanned,
+        "records": n,
+        "duplicates": duplicates,
+        "train_records": train_table.num_rows,
+        "heldout_records": heldout_table.num_rows,
+        "prompt_tokens": _token_count(table, "prompt_token_ids"),
+        "output_tokens": _token_count(table, "output_token_ids"),
+        "train_prompt_tokens": _token_count(train_table, "prompt_token_ids"),
+        "train_output_tokens": _token_count(train_table, "output_token_ids"),
+        "heldout_output_tokens": _token_count(heldout_table, "output_token_ids"),
+        "sources": {s: int(c) for s, c in zip(*_value_counts(table["source"]))},
+        "files_read": scan.files_read,
+        "skipped_files": [{"path": p, "reason": r} for p, r in scan.skipped],
+        "first_record_at": created[0].as_py().isoformat() if n else None,
+        "last_record_at": created[n - 1].as_py().isoformat() if n else None,
+        "heldout_since": heldout_table["created_at"][0].as_py().isoformat() if heldout_table.num_rows else None,
+        "since": since.isoformat() if since else None,
+        "until": until.isoformat() if until else None,
+    }
+    if empty_outputs:
+        stats["empty_outputs"] = empty_outputs
+    if scan.skipped:
+        logger.warning("distill dataset: skipped %d unreadable traffic files", len(scan.skipped))
+    logger.info("distill dataset: %d records (%d duplicates dropped): %d train, %d held-out, %d output tokens",
+                n, duplicates, stats["train_records"], stats["heldout_records"], stats["output_tokens"])
+    return DistillData(train=datasets.Dataset(train_table.combine_chunks()),
+                       heldout=datasets.Dataset(heldout_table.combine_chunks()), stats=stats)
+
+
+def heldout_prompts(heldout, *, n: int, max_prompt_tokens: int) -> list[list[int]]:
+    """Up to `n` distinct prompts of a held-out dataset, newest first, each cut to its last tokens."""
+    seen, out = set(), []
+    for ids in reversed(heldout["prompt_token_ids"]):
+        key = tuple(ids)
+        if ids and key not in seen:
+            seen.add(key)
+            out.append(list(ids[-max_prompt_tokens:]))
+        if len(out) >= n:
+            break
+    return out
+
+
+def rows(dataset, indices: Sequence[int]) -> list[dict]:
+    """Rows `indices` of a column-oriented dataset (`datasets.Dataset`) as one dict per record."""
+    columns = dataset[list(indices)]
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+
+# ---------------------------------------------------------------------------------------------- batches
+
+
+@dataclasses.dataclass
+class DistillBatch:
+    """Padded tensors for B records with at most T output positions and teacher top-k of width k."""
+
+    input_ids: torch.Tensor  # [B, L] prompt + output[:-1], right-padded with pad_id
+    pred_positions: torch.Tensor  # [B, T] index into L of the logits that predict output token t
+    output_ids: torch.Tensor  # [B, T] the output tokens (padding: 0)
+    topk_ids: torch.Tensor  # [B, T, k] target top-k ids (padding: 0)
+    topk_logprobs: torch.Tensor  # [B, T, k] target log-probs (padding: log(1/k))
+    mask: torch.Tensor  # [B, T] bool, True = a real output position
+    accept_mask: torch.Tensor  # [B, T] bool, the logged accept flags (informational)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.mask.sum())
+
+    @property
+    def input_lengths(self) -> torch.Tensor:
+        """[B] real (unpadded) length of each row of input_ids: its last predicting position + 1."""
+        return (self.pred_positions * self.mask).amax(1) + 1
+
+    def to(self, device: torch.device | str) -> "DistillBatch":
+        return DistillBatch(**{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
+
+
+def _field(record: Any, name: str):
+    return record[name] if isinstance(record, Mapping) else getattr(record, name)
+
+
+def collate(records: Sequence[Any], *, max_seq_len: int = 512, pad_id: int = 0) -> DistillBatch:
+    """Records (TrafficRecord or dataset rows with the traffic columns) -> one padded DistillBatch.
+
+    Records with no output token or no prompt are skipped. A record longer than `max_seq_len` keeps
+    at most half the budget for its prompt tail when the output needs the rest, then the output head.
+    """
+    kept = []
+    for rec in records:
+        prompt = list(_field(rec, "prompt_token_ids"))
+        output = list(_field(rec, "output_token_ids"))
+        if not prompt or not output:
+            continue
+        n_out = min(len(output), max_seq_len - min(len(prompt), max_seq_len // 2))
+        n_prompt = min(len(prompt), max_seq_len - n_out)
+        prompt = prompt[len(prompt) - n_prompt:]
+        kept.append((prompt, output[:n_out], _field(rec, "target_topk_ids")[:n_out],
+                     _field(rec, "target_topk_logprobs")[:n_out], list(_field(rec, "accept_mask"))[:n_out]))
+    if not kept:
+        raise ValueError("collate got no record with both prompt and output tokens")
+    k = max(len(r[2][0]) for r in kept)
+    if k == 0 or any(len(ids) != k for r in kept for ids in r[2]):
+        raise ValueError("records disagree on the teacher top-k width (or it is 0): log with one topk_logprobs")
+    b = len(kept)
+    seq_len = max(len(p) + len(o) - 1 for p, o, *_ in kept)
+    t = max(len(o) for _, o, *_ in kept)
+    input_ids = torch.full((b, seq_len), pad_id, dtype=torch.long)
+    pred_positions = torch.zeros(b, t, dtype=torch.long)
+    output_ids = torch.zeros(b, t, dtype=torch.long)
+    topk_ids = torch.zeros(b, t, k, dtype=torch.long)
+    topk_logprobs = torch.full((b, t, k), -math.log(k), dtype=torch.float32)
+    mask = torch.zeros(b, t, dtype=torch.bool)
+    accept = torch.zeros(b, t, dtype=torch.bool)
+    for i, (prompt, output, ids, logprobs, acc) in enumerate(kept):
+        seq = prompt + output[:-1]
+        n = len(output)
+        input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        pred_positions[i, :n] = torch.arange(len(prompt) - 1, len(prompt) - 1 + n)
+        output_ids[i, :n] = torch.tensor(output, dtype=torch.long)
+        topk_ids[i, :n] = torch.tensor(ids, dtype=torch.long)
+        topk_logprobs[i, :n] = torch.tensor(logprobs, dtype=torch.float32)
+        mask[i, :n] = True
+        accept[i, : len(acc)] = torch.tensor(acc, dtype=torch.bool)
+    return DistillBatch(input_ids, pred_positions, output_ids, topk_ids, topk_logprobs, mask, accept)
