@@ -4,7 +4,7 @@ Decodes the same prompts, one path after another for each prompt (so machine dri
 alike), with: this engine at gamma 0; this engine at gamma; transformers `generate()`; transformers
 assisted generation with the same drafter and constant gamma; and assisted generation with its
 default schedule. Cost ratios come from micro-measurements of single forward steps. The last stdout
-line is one JSON object (field list in the issue and the README).
+line is one JSON object (its fields: `run`'s report).
 
 Not here: serving (pipelines/bench_serve.py) or distillation (pipelines/bench_distill.py).
 """
@@ -22,6 +22,7 @@ import time
 import torch
 
 from draftsmith.datasets_io import load_prompt_source
+from draftsmith.engine_config import add_config_arguments, config_options
 from draftsmith.layer_parallel import (LayerParallelConfig, check_drafts_in_layers, measure_layer_parallel,
                                        parse_group_sizes, split_target)
 from draftsmith.llama import PrepackedLinear
@@ -60,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-prompts", type=int, default=4)
     parser.add_argument("--max-prompt-tokens", type=int, default=256)
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--gamma", type=int, default=4)
+    add_config_arguments(parser, {"num_speculative_tokens": "--gamma"})
     add_engine_option_arguments(parser)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--batch-size", type=int, default=1)
@@ -80,25 +81,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+# EngineConfig fields the speculative engine takes from the command line beside its drafter (flags generated
+# from the model: prompt lookup, speculation off for large batches).
+ENGINE_OPTIONS = ("prompt_lookup_max", "prompt_lookup_min", "disable_speculation_at_batch")
+
+
 def add_engine_option_arguments(parser: argparse.ArgumentParser) -> None:
-    """The speculative engine's options beside its drafter: prompt lookup, speculation off for large batches."""
-    parser.add_argument("--prompt-lookup-max", type=int, default=0, metavar="N",
-                        help="rows whose last n tokens (min <= n <= N) occurred earlier draft what followed them "
-                             "instead of the drafter's tokens (0 = off)")
-    parser.add_argument("--prompt-lookup-min", type=int, default=2, metavar="N")
-    parser.add_argument("--disable-speculation-at-batch", type=int, default=0, metavar="N",
-                        help="a step decoding at least N sequences decodes them autoregressively (0 = never)")
+    add_config_arguments(parser, ENGINE_OPTIONS)
 
 
 def engine_options(args: argparse.Namespace) -> dict:
     """The EngineConfig fields those arguments set ({} for none); ValueError on a value the engine refuses."""
-    options = {}
-    if args.prompt_lookup_max:
-        options.update(prompt_lookup_min=args.prompt_lookup_min, prompt_lookup_max=args.prompt_lookup_max)
-    if args.disable_speculation_at_batch:
-        options.update(disable_speculation_at_batch=args.disable_speculation_at_batch)
-    EngineConfig(**options)
-    return options
+    return config_options(args, ENGINE_OPTIONS)
+
+
+def engine_config(args: argparse.Namespace, **fixed) -> EngineConfig:
+    """The speculative engine's settings: what the command line set (--gamma and the engine options), then
+    `fixed`. ValueError on a value the engine refuses."""
+    return EngineConfig(**{**config_options(args, ("num_speculative_tokens", *ENGINE_OPTIONS)), **fixed})
 
 
 def build_drafter(target: LoadedModel, spec: str, draft_vocab: int = 0):
@@ -216,7 +216,8 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     target = load_model(args.target, device=args.device)
     drafter = build_drafter(target, args.drafter, args.draft_vocab)
-    if drafter is None and not args.prompt_lookup_max:
+    gamma = engine_config(args).num_speculative_tokens
+    if drafter is None and not engine_config(args).prompt_lookup_max:
         raise SystemExit("--drafter none speculates by prompt lookup alone: add --prompt-lookup-max")
     prepack = not args.no_prepack
     target_runner = runner_for(target.model, prepack=prepack)
@@ -238,15 +239,12 @@ def run(args: argparse.Namespace) -> dict:
                              "generate() does not run: add --skip-hf")
         split_target(target_runner, pair_devices)
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
-    max_len = max(map(len, prompts)) + args.max_new_tokens + args.gamma + 2
-
-    def engine(gamma: int) -> SpecEngine:
-        config = EngineConfig(num_speculative_tokens=gamma, max_batch_size=args.batch_size, max_model_len=max_len,
-                              topk_logprobs=0, seed=args.seed, **(engine_options(args) if gamma else {}))
-        return SpecEngine(target_runner, drafter_runner if gamma else None, config=config,
-                          eos_token_ids=target.eos_token_ids)
-
-    ar_engine, spec_engine = engine(0), engine(args.gamma)
+    max_len = max(map(len, prompts)) + args.max_new_tokens + gamma + 2
+    fixed = dict(max_batch_size=args.batch_size, max_model_len=max_len, topk_logprobs=0, seed=args.seed)
+    spec_config = engine_config(args, **fixed)
+    ar_engine = SpecEngine(target_runner, None, config=EngineConfig(**fixed, num_speculative_tokens=0),
+                           eos_token_ids=target.eos_token_ids)
+    spec_engine = SpecEngine(target_runner, drafter_runner, config=spec_config, eos_token_ids=target.eos_token_ids)
     hf_drafter = drafter and drafter.model
     eos = list(target.eos_token_ids)
     hf_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, eos_token_id=eos,
@@ -282,7 +280,7 @@ def run(args: argparse.Namespace) -> dict:
         if drafter is None or drafter.reads_target_features:
             continue  # transformers cannot run a drafter that reads the target's features
         paths["hf_assisted"].add(*_timed(lambda: hf_generate(
-            ids, assistant_model=hf_drafter, num_assistant_tokens=args.gamma,
+            ids, assistant_model=hf_drafter, num_assistant_tokens=gamma,
             num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0)))
         paths["hf_assisted_default"].add(*_timed(lambda: hf_generate(ids, assistant_model=hf_drafter)))
 
@@ -295,9 +293,9 @@ def run(args: argparse.Namespace) -> dict:
     lookup_accepted = sum(r.stats.lookup_accepted for r in spec_results)
     alpha = accepted / compared if compared else 0.0
     mean_accepted_length = emitted / steps if steps else 0.0
-    costs = measure_step_costs(target_runner, drafter_runner, int(statistics.median(map(len, prompts))), args.gamma)
-    _, theoretical = leviathan(alpha, args.gamma, costs["cost_ratio"])
-    predicted = mean_accepted_length / (args.gamma * costs["cost_ratio"] + costs["verify_cost_ratio"])
+    costs = measure_step_costs(target_runner, drafter_runner, int(statistics.median(map(len, prompts))), gamma)
+    _, theoretical = leviathan(alpha, gamma, costs["cost_ratio"])
+    predicted = mean_accepted_length / (gamma * costs["cost_ratio"] + costs["verify_cost_ratio"])
     mismatches = None
     if args.temperature == 0:
         mismatches = sum(a != r.output_token_ids for a, r in zip(ar_outputs, spec_results))
@@ -315,9 +313,10 @@ def run(args: argparse.Namespace) -> dict:
         "prepacked_weights": isinstance(target_runner.linear, PrepackedLinear),
         "n_prompts": len(prompts),
         "max_new_tokens": args.max_new_tokens,
-        "gamma": args.gamma,
-        "prompt_lookup": [args.prompt_lookup_min, args.prompt_lookup_max] if args.prompt_lookup_max else None,
-        "disable_speculation_at_batch": args.disable_speculation_at_batch or None,
+        "gamma": gamma,
+        "prompt_lookup": [spec_config.prompt_lookup_min, spec_config.prompt_lookup_max]
+        if spec_config.prompt_lookup_max else None,
+        "disable_speculation_at_batch": spec_config.disable_speculation_at_batch or None,
         "batch_size": args.batch_size,
         "temperature": args.temperature,
         "output_tokens": paths["spec"].tokens,
@@ -343,8 +342,10 @@ def run(args: argparse.Namespace) -> dict:
         "greedy_mismatches": mismatches,
     }
     if args.layer_parallel or args.layer_parallel_plan:
-        plan = LayerParallelConfig(max(1, args.layer_parallel), tuple(pair_devices), args.layer_parallel_plan)
-        report.update(measure_layer_parallel(target_runner, drafter_runner, prompts, plan=plan, gamma=args.gamma,
+        plan = LayerParallelConfig.from_engine(engine_config(
+            args, layer_parallel_group_size=max(1, args.layer_parallel), layer_parallel_devices=tuple(pair_devices),
+            layer_parallel_group_sizes=args.layer_parallel_plan))
+        report.update(measure_layer_parallel(target_runner, drafter_runner, prompts, plan=plan, gamma=gamma,
                                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size))
     return report
 
@@ -387,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        engine_options(args)
+        engine_config(args)
     except ValueError as error:
         parser.error(str(error))
     report = run(args)

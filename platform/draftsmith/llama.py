@@ -83,10 +83,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class PrepackedLinear:
     """`F.linear` over oneDNN-prepacked copies of frozen CPU weights, the weights' dense copies otherwise.
 
-    Why: on the CPU measured here the default GEMM (MKL through `F.linear`) takes 1.3-2x as long for 2 to
-    8 input rows as for one, so verifying gamma + 1 tokens of SmolLM2-135M cost 1.2-2.1 single-token steps;
-    oneDNN's matmul over a weight reordered once into its blocked layout costs about the same for 1 to 8
-    rows, and its one-row product is itself faster (README, "CPU weight prepacking"). A packed copy is
+    Why: on CPU the default GEMM (MKL through `F.linear`) takes markedly longer for a few input rows than
+    for one, so verifying gamma + 1 tokens cost more than one single-token step; oneDNN's matmul over a
+    weight reordered once into its blocked layout costs about the same for 1 to 8 rows, and its one-row
+    product is itself faster (docs/benchmarks.md, "CPU weight prepacking"). A packed copy is
     used only while its weight is the tensor it was packed from, unchanged (same storage, same in-place
     version): a weight moved to another device, replaced or trained in place falls back to the dense
     path, never to a stale copy. The copies cost as much memory as the weights they pack.

@@ -7,19 +7,13 @@ costs no forward pass, and a target that quotes its prompt or repeats itself (sm
 greedily do both often) accepts most of what it proposes; the engine verifies it like any draft, so
 output stays lossless.
 
-Pure Python over token lists. What it does not do: batching, verification or choosing between this and
-a drafter (specdec.py does).
+Pure Python over token lists. What it does not do: batching, verification (specdec.py), drafting beside
+a drafter (proposers/lookup.py and proposers/chain.py), validating the n-gram range (EngineConfig).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-
-def check_lookup_range(min_n: int, max_n: int) -> None:
-    """Raise ValueError unless 1 <= min_n <= max_n (max_n = 0 means lookup is off and is not checked)."""
-    if max_n and not 1 <= min_n <= max_n:
-        raise ValueError(f"prompt lookup needs 1 <= prompt_lookup_min <= prompt_lookup_max, got {min_n} and {max_n}")
 
 
 def lookup_proposal(tokens: Sequence[int], *, min_n: int, max_n: int, count: int) -> list[int]:

@@ -1,30 +1,23 @@
 """The speculative decoding engine: batched, KV-cached, lossless, with continuous admission.
 
-One `SpecEngine` owns a target runner, an optional drafter runner and their slot KV caches. Requests
-are admitted into free slots (prefilled by the target, which also emits the first token), then every
-`step()` drafts up to gamma tokens per sequence, verifies all of them in one target forward, accepts
-per sequence (ragged: each sequence advances by its own accepted length) and rolls both caches back
-by resetting lengths. `num_speculative_tokens=0` runs the same code as plain autoregressive decoding.
-With `prompt_lookup_max` set, a row whose context repeats its last n-gram verifies the tokens that
-followed the earlier occurrence instead of the drafter's (prompt_lookup.py); the drafter runs only for
-the rows without one, and without a drafter such rows decode one token. With
+One `SpecEngine` owns a target runner, its slot KV cache and a proposer (proposers/: the way the step
+drafts, chosen for the drafter runner by registration, behind prompt lookup when `prompt_lookup_max` is
+set). Requests are admitted into free slots (prefilled by the target, which also emits the first token),
+then every `step()` runs propose -> verify -> commit: the proposer drafts up to gamma tokens per sequence,
+one target forward verifies all of them (sampling.py's rule), each sequence advances by its own accepted
+length (ragged), and the proposer is told what stood. Rolling the target cache back is a length change.
+`num_speculative_tokens=0` runs the same code as plain autoregressive decoding; with
 `disable_speculation_at_batch` set, a step decoding at least that many sequences decodes them
-autoregressively.
-Every target forward also stores the target's final-normed hidden state per position (`target_features`,
-a slot store beside the KV cache with the same lengths): an EAGLE-style drafter (`feature_fc`) drafts
-from them instead of from tokens alone.
+autoregressively. Every target forward also stores the target's final-normed hidden state per position
+(`target_features`, a slot store beside the KV cache with the same lengths), which a feature-reading
+drafter reads. Output text is detokenized incrementally (detokenize.py).
 
-Invariants per sequence (tokens = prompt + output so far):
-- the target cache holds every token but the last (`target_len == len(tokens) - 1`);
-- the drafter cache holds a prefix (`drafter_len <= len(tokens) - 1`); the tokens it lacks are fed
-  at the start of the next draft (after a fully accepted step the last draft token is missing, after
-  admission or a drafter swap the whole sequence is);
-- a feature-reading drafter's position p reads (target feature at p, token p + 1), so it can be exact
-  only up to position len(tokens) - 2, whose output drafts the first token; its later positions read
-  its own drafted features and are recomputed from the target's after verification.
+Invariants per sequence (tokens = prompt + output so far): the target cache holds every token but the
+last (`target_len == len(tokens) - 1` between steps); the proposer's own cache holds an exact prefix whose
+length it keeps per slot (proposers/drafter.py); sequences occupy the contiguous slots 0..n-1.
 
-Not here: sampling math (sampling.py), model loading (models.py), HTTP/Ray (serve/), timing of whole
-benchmarks (bench_decode.py).
+Not here: the ways of drafting (proposers/), sampling math (sampling.py), model loading (models.py),
+HTTP/Ray (serve/), timing of whole benchmarks (bench_decode.py).
 """
 
 from __future__ import annotations
@@ -36,8 +29,10 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from draftsmith.detokenize import IncrementalDetokenizer
+from draftsmith.engine_config import EngineConfig
 from draftsmith.llama import CausalLMRunner, KVCache
-from draftsmith.prompt_lookup import check_lookup_range, lookup_proposal
+from draftsmith.proposers import LOOKUP, Draft, EngineView, Proposer, Rows, build_proposer
 from draftsmith.sampling import (
     SamplingParams,
     processed_probs,
@@ -58,7 +53,7 @@ class Request:
 
 
 class AcceptanceRates:
-    """The derived rates of DESIGN.md's vocabulary, over counters named drafted, accepted, compared,
+    """The derived rates of docs/design.md's vocabulary, over counters named drafted, accepted, compared,
     steps and emitted_in_steps (per request here; pooled over requests in evaluation.py)."""
 
     drafted: int
@@ -127,30 +122,6 @@ class StepOutput:
     result: GenerationResult | None = None
 
 
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    num_speculative_tokens: int = 4
-    max_batch_size: int = 8
-    max_model_len: int = 2048
-    topk_logprobs: int = 8  # target top-k per output position, for the traffic log (0 = off)
-    seed: int = 0
-    # > 0: a row whose last n tokens (prompt_lookup_min <= n <= prompt_lookup_max) occurred earlier in it drafts
-    # what followed them instead of asking the drafter (prompt_lookup.py; vLLM's "ngram" method, here also
-    # beside a drafter and without one).
-    prompt_lookup_max: int = 0
-    prompt_lookup_min: int = 2
-    # > 0: a step that decodes at least this many sequences decodes them autoregressively (vLLM's
-    # speculative_disable_by_batch_size): verifying gamma + 1 tokens of every row of a large batch is
-    # compute-bound.
-    disable_speculation_at_batch: int = 0
-
-    def __post_init__(self):
-        check_lookup_range(self.prompt_lookup_min, self.prompt_lookup_max)
-        if self.disable_speculation_at_batch < 0:
-            raise ValueError("disable_speculation_at_batch must be >= 0 (0 = never), "
-                             f"got {self.disable_speculation_at_batch}")
-
-
 @dataclasses.dataclass
 class _Sequence:
     request: Request
@@ -158,11 +129,11 @@ class _Sequence:
     generator: torch.Generator | None
     tokens: list[int]
     prompt_len: int
-    target_len: int = 0
-    drafter_len: int = 0
+    detokenizer: IncrementalDetokenizer | None
+    target_len: int = 0  # the target cache holds positions < target_len (== len(tokens) - 1 between steps)
     finish_reason: str | None = None
     text: str = ""
-    sent_text_len: int = 0
+    cut_at_stop_string: bool = False
     stats: RequestStats = dataclasses.field(default_factory=RequestStats)
     topk_ids: list[torch.Tensor] = dataclasses.field(default_factory=list)
     topk_logprobs: list[torch.Tensor] = dataclasses.field(default_factory=list)
@@ -186,23 +157,20 @@ class SpecEngine:
         self.max_len = min(config.max_model_len, getattr(target.config, "max_position_embeddings", config.max_model_len))
         self.target_cache: KVCache = target.new_cache(config.max_batch_size, self.max_len)
         # Valid, per slot, exactly where the target cache is (positions < target_len): one hidden state per
-        # token is hidden / (2 * layers * kv width) of the KV cache (1/20 for SmolLM2-135M), so it is kept
-        # for any drafter a swap may bring.
+        # token is hidden / (2 * layers * kv width) of the KV cache, so it is kept for any drafter a swap may bring.
         self.target_features = torch.zeros(config.max_batch_size, self.max_len, target.embed.shape[1],
                                            dtype=target.dtype, device=target.device)
-        self.drafter: CausalLMRunner | None = None
-        self.drafter_cache: KVCache | None = None
-        self.drafter_version = "none"
-        if drafter is not None:
-            self.set_drafter(drafter, drafter_version)
+        self._view = EngineView(config.max_batch_size, self.max_len, target.vocab_size, target.device,
+                                self.target_features)
         self.active: list[_Sequence] = []
         self.waiting: list[Request] = []
+        self.set_drafter(drafter, drafter_version)
         self._master = torch.Generator().manual_seed(config.seed)
         self._on_cuda = target.device.type == "cuda"
 
     # ----- requests -------------------------------------------------------------------------------
     def set_drafter(self, drafter: CausalLMRunner | None, version: str = "none") -> None:
-        """Switch drafters between steps; running sequences re-feed their tokens to the new drafter."""
+        """Switch drafters between steps: a new proposer with an empty cache, which running sequences refill."""
         if drafter is not None and drafter.embed.shape[0] != self.target.embed.shape[0]:
             raise ValueError(f"drafter embeds {drafter.embed.shape[0]} tokens, target {self.target.embed.shape[0]}")
         hidden = self.target.embed.shape[1]
@@ -211,15 +179,15 @@ class SpecEngine:
                              f"features need ({hidden}, {2 * hidden})")
         self.drafter = drafter
         self.drafter_version = version if drafter is not None else "none"
-        self.drafter_cache = drafter.new_cache(self.config.max_batch_size, self.max_len) if drafter else None
-        for seq in getattr(self, "active", []):
-            seq.drafter_len = 0
+        self.proposer: Proposer = build_proposer(drafter, self.config, self._view)
 
     def validate(self, request: Request) -> None:
         """Raise ValueError with a user-facing message if the request cannot run on this engine."""
         prompt_len = len(request.prompt_token_ids)
         if prompt_len == 0:
             raise ValueError("The prompt is empty: send at least one token.")
+        if request.num_speculative_tokens is not None and request.num_speculative_tokens < 0:
+            raise ValueError(f"num_speculative_tokens must be >= 0, got {request.num_speculative_tokens}")
         gamma = self._gamma(request)
         needed = prompt_len + request.params.max_tokens + gamma + 1
         if needed > self.max_len:
@@ -235,9 +203,7 @@ class SpecEngine:
 
     def _gamma(self, request: Request) -> int:
         gamma = self.config.num_speculative_tokens if request.num_speculative_tokens is None else request.num_speculative_tokens
-        if gamma < 0:
-            raise ValueError(f"num_speculative_tokens must be >= 0, got {gamma}")
-        return gamma if self.drafter is not None or self.config.prompt_lookup_max else 0
+        return gamma if self.proposer.speculates else 0
 
     def add_request(self, request: Request) -> None:
         self.validate(request)
@@ -255,7 +221,7 @@ class SpecEngine:
 
     # ----- the loop -------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
-        """Admit waiting requests into free slots, then run one draft/verify step for every sequence."""
+        """Admit waiting requests into free slots, then run one propose/verify/commit step for every sequence."""
         outputs: list[StepOutput] = []
         emitted: dict[int, list[int]] = {}
         admitted = self._admit()
@@ -304,8 +270,10 @@ class SpecEngine:
             if not params.greedy:
                 seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._master))
                 generator = torch.Generator().manual_seed(seed)
+            detokenizer = self.decode and IncrementalDetokenizer(self.decode, skip_ids=self.eos_token_ids,
+                                                                 stops=params.stop)
             seq = _Sequence(request, self._gamma(request), generator, list(request.prompt_token_ids),
-                            prompt_len=len(request.prompt_token_ids))
+                            prompt_len=len(request.prompt_token_ids), detokenizer=detokenizer)
             self.active.append(seq)
             admitted.append(seq)
         return admitted
@@ -313,6 +281,12 @@ class SpecEngine:
     def _rows(self, seqs: list[_Sequence]) -> slice:
         start = self.active.index(seqs[0])
         return slice(start, start + len(seqs))
+
+    def _batch(self, seqs: list[_Sequence]) -> Rows:
+        """The proposers' view of a step's rows."""
+        greedy = all(s.request.params.greedy for s in seqs)
+        return Rows(self._rows(seqs), [s.tokens for s in seqs], None if greedy else self._sampling_tensors(seqs),
+                    lambda count: self._uniforms(seqs, count))
 
     def _sync(self) -> None:
         if self._on_cuda:
@@ -368,194 +342,71 @@ class SpecEngine:
         values, ids = logits.float().log_softmax(-1).topk(k, dim=-1)
         return ids.cpu(), values.cpu()
 
+    def _step_gammas(self, seqs: list[_Sequence]) -> list[int]:
+        """Tokens each row may draft this step: its gamma, within max_tokens and the context."""
+        if 0 < self.config.disable_speculation_at_batch <= len(seqs):
+            return [0] * len(seqs)  # a proposer catches up from the target's tokens when it next drafts
+        return [max(0, min(s.gamma, s.request.params.max_tokens - len(s.output) - 1, self.max_len - len(s.tokens) - 1))
+                for s in seqs]
+
     @torch.inference_mode()
     def _decode_step(self, seqs: list[_Sequence], emitted: dict[int, list[int]]) -> None:
-        # Rows are the contiguous slots 0..n-1 minus the ones admitted this step, which sit at the end.
-        rows = self._rows(seqs)
+        """propose -> verify -> commit. Rows are the contiguous slots 0..n-1 minus the ones admitted this step,
+        which sit at the end."""
         start = time.perf_counter()
-        if 0 < self.config.disable_speculation_at_batch <= len(seqs):
-            gammas_list = [0] * len(seqs)  # the drafter catches up from the target's tokens when it next drafts
-        else:
-            gammas_list = [self._step_gamma(s) for s in seqs]
-        lookups = [[] for _ in seqs]
-        if self.config.prompt_lookup_max and any(gammas_list):
-            lookups = [lookup_proposal(s.tokens, min_n=self.config.prompt_lookup_min, count=g,
-                                       max_n=self.config.prompt_lookup_max) for s, g in zip(seqs, gammas_list)]
-        # A row verifies its lookup when it has one; otherwise the drafter's tokens, or none without a drafter.
-        gammas_list = [len(found) if found or self.drafter is None else g for found, g in zip(lookups, gammas_list)]
-        gamma = max(gammas_list)
-        device = self.target.device
-        greedy = all(s.request.params.greedy for s in seqs)
-        sampling = None if greedy else self._sampling_tensors(seqs)
-        draft_tokens = torch.zeros(len(seqs), gamma, dtype=torch.long, device=device)
-        draft_probs = None
-        if gamma > 0:
-            draft_tokens, draft_probs = self._propose(seqs, rows, gamma, lookups, sampling)
+        rows = self._batch(seqs)
+        gammas = self._step_gammas(seqs)
+        proposer = self.proposer
+        draft = proposer.propose(rows, gammas) if any(gammas) else Draft.zeros(rows, 0, self._view)
         self._sync()
         drafted_at = time.perf_counter()
-        base = torch.tensor([s.target_len for s in seqs], device=device)
-        last = torch.tensor([s.tokens[-1] for s in seqs], device=device)
-        verify_ids = torch.cat([last[:, None], draft_tokens], dim=1)  # [B, gamma + 1]
-        positions = base[:, None] + torch.arange(gamma + 1, device=device)[None]
-        logits, features = self.target.forward(verify_ids, positions, self.target_cache, rows,
-                                               return_features=True)  # [B, gamma + 1, V], [B, gamma + 1, D]
-        slots = torch.arange(rows.start, rows.stop, device=device)
-        self.target_features[slots[:, None], positions] = features
-        gammas = torch.tensor(gammas_list, device=device)
-        if greedy:
-            verdict = verify_greedy(draft_tokens, logits, gammas)
-        else:
-            target_probs = processed_probs(logits, *sampling)
-            uniforms = self._uniforms(seqs, gamma + 1)
-            if draft_probs is None:
-                draft_probs = torch.zeros(len(seqs), 0, target_probs.shape[-1], device=device)
-            verdict = verify_sampled(draft_tokens, draft_probs, target_probs, gammas, uniforms[:, :gamma], uniforms[:, gamma])
-        topk = self._topk(logits)
+        verdict, topk = self._verify(seqs, rows, draft)
         accepted = verdict.accepted.tolist()
         tokens = verdict.tokens.tolist()
         self._sync()
         done = time.perf_counter()
+        if any(draft.lengths):
+            proposer.commit(rows, draft, accepted)
         for i, s in enumerate(seqs):
-            a, g = accepted[i], gammas_list[i]
+            a, g = accepted[i], draft.lengths[i]
             s.stats.steps += 1
             s.stats.drafted += g
             s.stats.accepted += a
             s.stats.compared += min(a + 1, g)
-            if lookups[i]:
+            if draft.sources[i] == LOOKUP:
                 s.stats.lookup_drafted += g
                 s.stats.lookup_accepted += a
             s.stats.draft_seconds += drafted_at - start
             s.stats.verify_seconds += done - drafted_at
-            old_total = len(s.tokens)
-            s.target_len = old_total + a
-            s.drafter_len = min(s.drafter_len, old_total + min(a, gamma - 1)) if gamma else s.drafter_len
+            s.target_len = len(s.tokens) + a
             kept = self._emit(s, tokens[i][: a + 1], topk and (topk[0][i, : a + 1], topk[1][i, : a + 1]),
                               accepted=a, emitted=emitted)
             s.stats.emitted_in_steps += kept
 
-    def _step_gamma(self, seq: _Sequence) -> int:
-        remaining = seq.request.params.max_tokens - len(seq.output)
-        return max(0, min(seq.gamma, remaining - 1, self.max_len - len(seq.tokens) - 1))
-
-    def _propose(self, seqs: list[_Sequence], rows: slice, gamma: int, lookups: list[list[int]], sampling):
-        """Draft tokens [B, gamma] (and, when sampling, probs [B, gamma, V]): each row's prompt-lookup tokens where
-        it has them, the drafter's elsewhere. The drafter runs only if some row lacks a lookup."""
-        if self.drafter is not None and not all(lookups):
-            tokens, probs = self._draft(seqs, rows, gamma, sampling)
+    def _verify(self, seqs: list[_Sequence], rows: Rows, draft: Draft):
+        """One target forward over [last token, draft] per row, then the acceptance rule (sampling.py).
+        Returns the Verification and the target's top-k log-probabilities (or None)."""
+        device, gamma = self.target.device, draft.tokens.shape[1]
+        base = torch.tensor([s.target_len for s in seqs], device=device)
+        last = torch.tensor([s.tokens[-1] for s in seqs], device=device)
+        verify_ids = torch.cat([last[:, None], draft.tokens], dim=1)  # [B, gamma + 1]
+        positions = base[:, None] + torch.arange(gamma + 1, device=device)[None]
+        logits, features = self.target.forward(verify_ids, positions, self.target_cache, rows.slots,
+                                               return_features=True)  # [B, gamma + 1, V], [B, gamma + 1, D]
+        slots = torch.arange(rows.slots.start, rows.slots.stop, device=device)
+        self.target_features[slots[:, None], positions] = features
+        lengths = torch.tensor(draft.lengths, device=device)
+        if rows.sampling is None:
+            verdict = verify_greedy(draft.tokens, logits, lengths)
         else:
-            tokens = torch.zeros(len(seqs), gamma, dtype=torch.long, device=self.target.device)
-            probs = None if sampling is None else torch.zeros(len(seqs), gamma, self.target.vocab_size,
-                                                              device=self.target.device)
-        reads_features = self.drafter is not None and self.drafter.feature_fc is not None
-        for i, found in enumerate(lookups):
-            if not found:
-                continue
-            proposal = torch.tensor(found, device=tokens.device)
-            tokens[i, : len(found)] = proposal
-            if probs is not None:  # a deterministic proposal: q is one-hot, which speculative sampling verifies exactly
-                probs[i] = 0
-                probs[i, torch.arange(len(found), device=tokens.device), proposal] = 1
-            # The drafter cached its own drafts past the real tokens; the verified ones will be the lookup's.
-            seqs[i].drafter_len = min(seqs[i].drafter_len, len(seqs[i].tokens) - reads_features)
-        return tokens, probs
-
-    def _draft(self, seqs: list[_Sequence], rows: slice, gamma: int, sampling):
-        """Draft `gamma` tokens per row; returns tokens [B, gamma] and (when sampling) their probs [B, gamma, V].
-
-        A feature-reading drafter's position p reads (target feature at p, token p + 1): the first forward
-        feeds its exact positions up to len(tokens) - 2, whose output drafts the first token; each later
-        draft reads the feature the drafter itself drafted, and those positions are rewritten from the
-        target's verified features at the next step (drafter_len stops before them).
-        """
-        drafter, cache, device = self.drafter, self.drafter_cache, self.target.device
-        reads_features = drafter.feature_fc is not None
-        # A layer-parallel drafter's cache is exact only up to drafter_len: the first forward recomputes every
-        # later token sequentially (KV calibration, see layer_parallel.py), the other draft forwards are fuzzy.
-        calibrate = getattr(drafter.layer_executor, "approximate", False)
-        shortest = min(len(s.tokens) for s in seqs)
-        if reads_features:  # after a fully accepted step a row lacks gamma + 1 positions
-            max_lag = min(gamma + 1, shortest - 2)
-        else:
-            max_lag = min(gamma, shortest - 1) if calibrate else 1
-        self._catch_up_drafter(seqs, rows, max_lag=max_lag)
-        # Every row now lacks at most max_lag (+ 1) positions; feed a window of the last `width` for every row
-        # (re-feeding an already cached position rewrites its KV entry with the same values, which keeps the batch
-        # rectangular; the window starts at position >= 0 in every row).
-        width = max(1, max(len(s.tokens) - reads_features - s.drafter_len for s in seqs))
-        ids = torch.tensor([s.tokens[-width:] for s in seqs], device=device)
-        ends = torch.tensor([len(s.tokens) - reads_features for s in seqs], device=device)  # first drafted position
-        positions = ends[:, None] - width + torch.arange(width, device=device)[None]
-        feature = None
-        if reads_features:
-            feature = self._target_features_at(rows, positions)
-        logits = drafter.forward(ids, positions, cache, rows, logits_at=torch.full((len(seqs),), width - 1, device=device),
-                                 exact=calibrate, features=feature, return_features=reads_features)
-        if reads_features:
-            logits, feature = logits[0], logits[1][:, -1:]
-        tokens, probs = [], []
-        uniforms = None if sampling is None else self._uniforms(seqs, gamma)
-        for i in range(gamma):
-            token, prob = self._draft_token(logits, sampling, None if uniforms is None else uniforms[:, i])
-            tokens.append(token)
-            probs.append(prob)
-            if i < gamma - 1:
-                logits = drafter.forward(token[:, None], (ends + i)[:, None], cache, rows, features=feature,
-                                         return_features=reads_features)
-                if reads_features:
-                    logits, feature = logits
-        for s in seqs:  # drafted positions a feature-reading or calibrated drafter rewrites are not cached
-            if reads_features:
-                s.drafter_len = len(s.tokens) - 1
-            else:
-                s.drafter_len = len(s.tokens) if calibrate else len(s.tokens) + gamma - 1
-        draft_probs = None if sampling is None else torch.stack(probs, dim=1)
-        return torch.stack(tokens, dim=1), draft_probs
-
-    def _target_features_at(self, rows: slice, positions: torch.Tensor) -> torch.Tensor:
-        """The stored target features [B, S, D] of slots `rows` at positions [B, S]."""
-        slots = torch.arange(rows.start, rows.stop, device=positions.device)
-        return self.target_features[slots[:, None], positions]
-
-    def _draft_token(self, logits: torch.Tensor, sampling, uniforms):
-        """logits [B, 1, V_draft] -> full-vocabulary token ids [B] and, when sampling, probs [B, V]."""
-        head_ids = self.drafter.head_token_ids
-        if sampling is None:
-            choice = logits[:, 0].argmax(-1)
-            return (choice if head_ids is None else head_ids[choice]), None
-        if head_ids is not None:  # a trimmed head proposes nothing outside its vocabulary
-            full = logits.new_full((logits.shape[0], 1, self.target.vocab_size), float("-inf"))
-            logits = full.index_copy_(2, head_ids, logits)
-        probs = processed_probs(logits, *sampling)[:, 0]
-        return sample_from(probs, uniforms), probs
-
-    def _catch_up_drafter(self, seqs: list[_Sequence], rows: slice, max_lag: int = 1) -> None:
-        """Feed rows that lack more than max_lag + 1 tokens (admitted, swapped, or after plain AR steps).
-
-        A token drafter's position p reads token p; a feature-reading drafter's reads token p + 1 and the
-        target's feature at p. Either way every row ends with drafter_len = len(tokens) - 1.
-        """
-        lag = [len(s.tokens) - 1 - s.drafter_len for s in seqs]
-        if max(lag) <= max_lag:
-            return
-        device = self.target.device
-        width = max(lag)
-        reads_features = self.drafter.feature_fc is not None
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            if lag[i] > 0:
-                first = s.drafter_len + reads_features
-                ids[i, : lag[i]] = torch.tensor(s.tokens[first: first + lag[i]])
-        starts = torch.tensor([s.drafter_len for s in seqs], device=device)
-        positions = starts[:, None] + torch.arange(width, device=device)[None]
-        # Rows with a shorter lag write padding past their length: never read before being overwritten.
-        # Clamp so that padding never indexes past the cache (real positions stay <= max_len - 2).
-        positions = positions.clamp(max=self.max_len - 1)
-        features = None
-        if reads_features:
-            features = self._target_features_at(rows, positions)
-        self.drafter.hidden_states(ids.to(device), positions, self.drafter_cache, rows, exact=True, features=features)
-        for s in seqs:
-            s.drafter_len = len(s.tokens) - 1
+            target_probs = processed_probs(logits, *rows.sampling)
+            uniforms = self._uniforms(seqs, gamma + 1)
+            draft_probs = draft.probs
+            if draft_probs is None:
+                draft_probs = torch.zeros(len(seqs), 0, target_probs.shape[-1], device=device)
+            verdict = verify_sampled(draft.tokens, draft_probs, target_probs, lengths, uniforms[:, :gamma],
+                                     uniforms[:, gamma])
+        return verdict, self._topk(logits)
 
     def _emit(self, seq: _Sequence, new_tokens: list[int], topk, *, accepted: int,
               emitted: dict[int, list[int]]) -> int:
@@ -566,14 +417,17 @@ class SpecEngine:
             seq.tokens.append(token)
             kept += 1
             seq.accept_mask.append(j < accepted)
+            stop_string = seq.detokenizer is not None and seq.detokenizer.add(token)
             if token in self.eos_token_ids and not params.ignore_eos:
                 seq.finish_reason = "stop"
             elif token in params.stop_token_ids:
                 seq.finish_reason = "stop"
             elif len(seq.output) >= params.max_tokens:
                 seq.finish_reason = "length"
-            if seq.finish_reason or (params.stop and self._hit_stop_string(seq)):
-                seq.finish_reason = seq.finish_reason or "stop"
+            elif stop_string:
+                seq.finish_reason = "stop"
+                seq.text, seq.cut_at_stop_string = seq.detokenizer.stopped, True  # the text ends before it
+            if seq.finish_reason:
                 break
         if topk:
             seq.topk_ids.append(topk[0][:kept].reshape(kept, -1))
@@ -584,29 +438,16 @@ class SpecEngine:
             seq.target_len = min(seq.target_len, len(seq.tokens) - 1)
         return kept
 
-    def _hit_stop_string(self, seq: _Sequence) -> bool:
-        text = self._decode_output(seq)
-        for stop in seq.request.params.stop:
-            cut = text.find(stop)
-            if cut >= 0:
-                seq.text = text[:cut]
-                return True
-        return False
-
-    def _decode_output(self, seq: _Sequence) -> str:
-        ids = [t for t in seq.output if t not in self.eos_token_ids]
-        return self.decode(ids) if self.decode else ""
-
     def _output(self, seq: _Sequence, new_tokens: list[int]) -> StepOutput:
         delta = ""
-        if self.decode is not None:
-            if not (seq.finish_reason == "stop" and seq.request.params.stop and seq.text):
-                seq.text = self._decode_output(seq)
-            visible = seq.text
+        detokenizer = seq.detokenizer
+        if detokenizer is not None:
             if seq.finish_reason is None:
-                visible = _hold_back(visible, seq.request.params.stop)
-            delta = visible[seq.sent_text_len:]
-            seq.sent_text_len = max(seq.sent_text_len, len(visible))
+                delta = detokenizer.stream_delta()
+            else:
+                if not seq.cut_at_stop_string:
+                    seq.text = detokenizer.full_text()
+                delta = detokenizer.final_delta(seq.text)
         result = self._result(seq) if seq.finish_reason else None
         return StepOutput(seq.request.request_id, new_tokens, delta, seq.finish_reason is not None, result)
 
@@ -640,20 +481,10 @@ class SpecEngine:
                 moved = self.active[last]
                 self.target_cache.copy_slot(last, index, moved.target_len)
                 self.target_features[index, : moved.target_len] = self.target_features[last, : moved.target_len]
-                if self.drafter_cache is not None:
-                    self.drafter_cache.copy_slot(last, index, moved.drafter_len)
+                self.proposer.move_slot(last, index)
                 self.active[index] = moved
+            self.proposer.release_slot(last)
             self.active.pop()
-
-
-def _hold_back(text: str, stops: Sequence[str]) -> str:
-    """Text safe to stream: without a trailing partial UTF-8 char or a prefix of a stop string."""
-    text = text.rstrip("\ufffd")
-    for stop in stops:
-        for length in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:length]):
-                return text[: len(text) - length]
-    return text
 
 
 def runner_for(model, drafter=None, *, prepack: bool = True) -> CausalLMRunner:

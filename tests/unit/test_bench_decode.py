@@ -75,7 +75,7 @@ def test_bench_decode_reports_prompt_lookup_beside_the_drafter(capsys):
     assert any(line.startswith("prompt lookup (n-grams 1-3)") for line in out)
     with pytest.raises(SystemExit):
         bench_decode.main(["--target", "tiny", "--prompt-lookup-max", "2", "--prompt-lookup-min", "3"])
-    assert "prompt_lookup_min <= prompt_lookup_max" in capsys.readouterr().err
+    assert "must be <= prompt_lookup_max" in capsys.readouterr().err
 
 
 def test_bench_decode_speculates_by_prompt_lookup_alone(capsys):

@@ -86,30 +86,32 @@ def test_calibrated_cache_equals_sequential_drafter(pair):
     for request in _requests(max_tokens=40):
         engine.add_request(request)
     checked_fuzzy = checked_exact = 0
+    proposer = engine.proposer
+    assert proposer.name == "layer_parallel" and proposer.calibrates
     while engine.has_work():
         engine.step()
         for slot, seq in enumerate(engine.active):
-            if seq.finish_reason is not None or seq.drafter_len == 0:
+            if seq.finish_reason is not None or proposer.lengths[slot] == 0:
                 continue
             ref = _sequential_cache(drafter, seq.tokens)
-            n = seq.drafter_len  # the exact (calibrated) prefix
-            for mine, theirs in ((engine.drafter_cache.k, ref.k), (engine.drafter_cache.v, ref.v)):
+            n = proposer.lengths[slot]  # the exact (calibrated) prefix
+            for mine, theirs in ((proposer.cache.k, ref.k), (proposer.cache.v, ref.v)):
                 torch.testing.assert_close(mine[:, slot, :n], theirs[:, 0, :n], rtol=1e-4, atol=1e-5)
             checked_exact += 1
             # The accepted tokens past the exact prefix still hold fuzzy entries until the next draft.
             fuzzy_end = len(seq.tokens) - 1
-            if fuzzy_end > n and not torch.allclose(engine.drafter_cache.k[1:, slot, n:fuzzy_end],
+            if fuzzy_end > n and not torch.allclose(proposer.cache.k[1:, slot, n:fuzzy_end],
                                                     ref.k[1:, 0, n:fuzzy_end], atol=1e-5):
                 checked_fuzzy += 1
         # Calibrate explicitly now (the next draft would): the accepted positions become exact.
         seqs = [s for s in engine.active if s.finish_reason is None]
         if seqs:
             with torch.inference_mode():
-                engine._catch_up_drafter(seqs, engine._rows(seqs), max_lag=0)
+                proposer.catch_up(engine._batch(seqs), max_lag=0)
             for slot, seq in enumerate(seqs):
                 ref = _sequential_cache(drafter, seq.tokens)
                 n = len(seq.tokens) - 1
-                for mine, theirs in ((engine.drafter_cache.k, ref.k), (engine.drafter_cache.v, ref.v)):
+                for mine, theirs in ((proposer.cache.k, ref.k), (proposer.cache.v, ref.v)):
                     torch.testing.assert_close(mine[:, slot, :n], theirs[:, 0, :n], rtol=1e-4, atol=1e-5)
     assert checked_exact > 10
     assert checked_fuzzy > 0  # there were fuzzy accepted entries for calibration to fix
@@ -121,23 +123,23 @@ def test_group_size_one_is_exactly_sequential(pair):
                _engine(target, drafter, lp.LayerParallelConfig(1), gamma=3, batch=4)]
     drafts = [[], []]
     for engine, log in zip(engines, drafts):
-        original = engine._draft
+        original = engine.proposer.propose
 
         def recording(*args, _original=original, _log=log, **kwargs):
-            tokens, probs = _original(*args, **kwargs)
-            _log.append(tokens.clone())
-            return tokens, probs
+            draft = _original(*args, **kwargs)
+            _log.append(draft.tokens.clone())
+            return draft
 
-        engine._draft = recording
+        engine.proposer.propose = recording
         for request in _requests(temperature=0.8):
             engine.add_request(request)
     outputs = [[], []]
     while engines[0].has_work():
         for engine, out in zip(engines, outputs):
             out.extend((o.request_id, o.new_token_ids) for o in engine.step())
-        assert torch.equal(engines[0].drafter_cache.k, engines[1].drafter_cache.k)
-        assert torch.equal(engines[0].drafter_cache.v, engines[1].drafter_cache.v)
-        assert [s.drafter_len for s in engines[0].active] == [s.drafter_len for s in engines[1].active]
+        assert torch.equal(engines[0].proposer.cache.k, engines[1].proposer.cache.k)
+        assert torch.equal(engines[0].proposer.cache.v, engines[1].proposer.cache.v)
+        assert engines[0].proposer.lengths == engines[1].proposer.lengths
     assert not engines[1].has_work()
     assert outputs[0] == outputs[1]
     assert len(drafts[0]) == len(drafts[1]) and all(torch.equal(a, b) for a, b in zip(*drafts))
@@ -201,11 +203,61 @@ def test_stacks_follow_in_place_weight_updates(pair):
     torch.testing.assert_close(rebuilt[0].down[1], drafter.model.model.layers[1].mlp.down_proj.weight.T)
 
 
+def test_stacks_follow_swapped_weights(pair):
+    """Swapping two layers' weights keeps the sum of storage addresses and update counts the old version key
+    summed (so the old code kept stale stacks); the per-weight version tuple sees the swap."""
+    runner = runner_for(None, derive_drafter(pair[0], "first4"))
+    executor = lp.install(runner, lp.LayerParallelConfig(2))
+    first = executor.stacks(runner)
+    runner.layers[0].down, runner.layers[1].down = runner.layers[1].down, runner.layers[0].down
+    rebuilt = executor.stacks(runner)
+    assert rebuilt is not first
+    torch.testing.assert_close(rebuilt[0].down[0], runner.layers[0].down.T)
+
+
+def test_device_weight_copies_follow_weight_updates_and_runners(pair):
+    """The per-device copies of a multi-device plan are rebuilt when a weight changes in place or is replaced,
+    and belong to one runner (the old cache, keyed by id(runner) alone, served stale copies)."""
+    target, drafter = pair
+    devices = ("cpu:0", "cpu:1")  # distinct devices: .to() copies
+    runner = runner_for(None, derive_drafter(target, "first4"))
+    executor = lp.install(runner, lp.LayerParallelConfig(2, devices))
+    plain = runner_for(None, derive_drafter(target, "first4"))
+    lp.install(plain, lp.LayerParallelConfig(2))
+
+    def hidden(r):
+        ids = torch.tensor([PROMPTS[1]])
+        with torch.no_grad():
+            return r.hidden_states(ids, torch.arange(ids.shape[1])[None], r.new_cache(1, 32), slice(0, 1))
+
+    torch.testing.assert_close(hidden(runner), hidden(plain))
+    with torch.no_grad():
+        for r in (runner, plain):
+            r.layers[1].down.mul_(0.5)  # in place
+    torch.testing.assert_close(hidden(runner), hidden(plain))
+    for r in (runner, plain):
+        r.layers[2].up = r.layers[2].up * 1.5  # replaced
+    torch.testing.assert_close(hidden(runner), hidden(plain))
+    other = runner_for(None, derive_drafter(tiny_model(TinyPreset(num_hidden_layers=6), seed=5), "first4"))
+    other.layer_executor = executor  # the same executor now runs another runner: its own weights
+    reference = runner_for(None, derive_drafter(tiny_model(TinyPreset(num_hidden_layers=6), seed=5), "first4"))
+    lp.install(reference, lp.LayerParallelConfig(2))
+    torch.testing.assert_close(hidden(other), hidden(reference))
+
+
+def test_config_comes_from_the_engine_config():
+    config = EngineConfig(layer_parallel_group_sizes=(1, 2, 1), layer_parallel_devices=("cpu", "cpu"))
+    built = lp.LayerParallelConfig.from_engine(config)
+    assert built == lp.LayerParallelConfig(1, ("cpu", "cpu"), (1, 2, 1)) and built.enabled
+    assert lp.LayerParallelConfig() == lp.LayerParallelConfig.from_engine(EngineConfig())
+    assert not lp.LayerParallelConfig().enabled  # EngineConfig's default: sequential drafting
+
+
 def test_multi_device_plan_is_lossless_and_matches_single_device(pair):
     target, drafter = pair
     multi = _engine(target, drafter, lp.LayerParallelConfig(2, ("cpu", "cpu")), gamma=3, batch=4)
     single = _engine(target, drafter, lp.LayerParallelConfig(2), gamma=3, batch=4)
-    assert isinstance(multi.drafter_cache, lp.ShardedKVCache)
+    assert isinstance(multi.proposer.cache, lp.ShardedKVCache)
     out_multi, out_single = multi.generate(_requests()), single.generate(_requests())
     assert [r.output_token_ids for r in out_multi] == _target_greedy(target)
     # Same approximation on both paths, so the same drafts are accepted.

@@ -1,8 +1,6 @@
 """Prompt lookup proposes what followed the most recent earlier occurrence of the longest suffix n-gram."""
 
-import pytest
-
-from draftsmith.prompt_lookup import check_lookup_range, lookup_proposal
+from draftsmith.prompt_lookup import lookup_proposal
 
 
 def test_the_longest_suffix_ngram_wins_over_a_more_recent_shorter_one():
@@ -28,11 +26,3 @@ def test_no_proposal_below_min_n_or_without_an_earlier_occurrence():
 def test_a_run_of_one_token_proposes_more_of_it():
     assert lookup_proposal([3, 8, 8, 8, 8], min_n=2, max_n=3, count=4) == [8]  # no occurrence has 4 after it
     assert lookup_proposal([3, 8, 8, 8, 8, 8, 8], min_n=2, max_n=2, count=3) == [8, 8, 8]  # not the latest: [8]
-
-
-def test_the_range_is_checked():
-    check_lookup_range(2, 0)  # off
-    check_lookup_range(1, 1)
-    for low, high in ((0, 3), (4, 3)):
-        with pytest.raises(ValueError, match="prompt_lookup_min <= prompt_lookup_max"):
-            check_lookup_range(low, high)
