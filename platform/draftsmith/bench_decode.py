@@ -1,10 +1,13 @@
 """`draftsmith bench decode`: this engine (autoregressive and speculative) against transformers.
 
-Decodes the same prompts, one path after another for each prompt (so machine drift hits every path
-alike), with: this engine at gamma 0; this engine at gamma; transformers `generate()`; transformers
-assisted generation with the same drafter and constant gamma; and assisted generation with its
-default schedule. Cost ratios come from micro-measurements of single forward steps. The last stdout
-line is one JSON object (its fields: `run`'s report).
+Decodes the same prompts, every path for each batch in a rotating order (so machine drift hits every
+path alike), with: this engine at gamma 0; this engine at gamma; transformers `generate()`; transformers
+assisted generation with the same drafter and constant gamma; and assisted generation with its default
+schedule (both refused, with the reason in the JSON, when transformers cannot run the engine's exact
+drafter: a feature drafter, a trimmed head). `--gamma auto` adds a sweep of fixed gammas 0-6 beside the
+policy's arm (the constant-gamma assisted path is then left out). Every arm is warmed alike before any
+timing, all in one process (same threads). Cost ratios come from micro-measurements of single forward
+steps. The last stdout line is one JSON object (its fields: `run`'s report).
 
 Not here: serving (pipelines/bench_serve.py) or distillation (pipelines/bench_distill.py).
 """
@@ -212,11 +215,27 @@ def leviathan(alpha: float, gamma: int, cost_ratio: float, verify_cost_ratio: fl
     return expected, expected / (gamma * cost_ratio + verify_cost_ratio)
 
 
+SWEEP = range(0, 7)  # the fixed gammas `--gamma auto` is measured against
+WARMUP_TOKENS = 8
+
+
+def assisted_refusal(drafter) -> str | None:
+    """Why transformers' assisted generation cannot run the engine's exact drafter (None: it can)."""
+    if drafter is None:
+        return "no drafter: speculation by prompt lookup alone"
+    if drafter.reads_target_features:
+        return "the drafter reads the target's features, which transformers cannot feed it"
+    if drafter.head_token_ids is not None:
+        return "the drafter's head is trimmed, transformers would run its full-vocabulary head"
+    return None
+
+
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     target = load_model(args.target, device=args.device)
     drafter = build_drafter(target, args.drafter, args.draft_vocab)
     gamma = engine_config(args).num_speculative_tokens
+    auto = gamma == "auto"
     if drafter is None and not engine_config(args).prompt_lookup_max:
         raise SystemExit("--drafter none speculates by prompt lookup alone: add --prompt-lookup-max")
     prepack = not args.no_prepack
@@ -225,6 +244,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.layer_parallel or args.layer_parallel_plan:
         if drafter_runner is None:
             raise SystemExit("a layer-parallel plan groups a drafter's layers: --drafter none has none")
+        if auto:
+            raise SystemExit("the layer-parallel measurement runs a fixed gamma: give --gamma N")
         try:  # before the benchmark, not after it
             check_drafts_in_layers(drafter_runner)
         except ValueError as error:
@@ -239,51 +260,67 @@ def run(args: argparse.Namespace) -> dict:
                              "generate() does not run: add --skip-hf")
         split_target(target_runner, pair_devices)
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
-    max_len = max(map(len, prompts)) + args.max_new_tokens + gamma + 2
+    headroom = max(engine_config(args).max_speculative_tokens, max(SWEEP) if auto else 0)
+    max_len = max(map(len, prompts)) + args.max_new_tokens + headroom + 2
     fixed = dict(max_batch_size=args.batch_size, max_model_len=max_len, topk_logprobs=0, seed=args.seed)
     spec_config = engine_config(args, **fixed)
-    ar_engine = SpecEngine(target_runner, None, config=EngineConfig(**fixed, num_speculative_tokens=0),
-                           eos_token_ids=target.eos_token_ids)
-    spec_engine = SpecEngine(target_runner, drafter_runner, config=spec_config, eos_token_ids=target.eos_token_ids)
+
+    def engine(config):
+        return SpecEngine(target_runner, drafter_runner if config.num_speculative_tokens else None, config=config,
+                          eos_token_ids=target.eos_token_ids, drafter_version=drafter.version if drafter else "none")
+
+    # The arms, each its own engine over the same runners; "ar" is gamma 0, "spec" the configured gamma.
+    engines = {"ar": engine(EngineConfig(**fixed, num_speculative_tokens=0))}
+    if auto:
+        engines.update({f"gamma_{g}": engine(engine_config(args, **fixed, num_speculative_tokens=g))
+                        for g in SWEEP if g})
+    engines["spec"] = engine(spec_config)
+    refusal = assisted_refusal(drafter)
+    # With auto, transformers' own schedule (assisted, default) is the counterpart; a constant gamma is not one.
+    assisted = ["hf_assisted_default"] if auto else ["hf_assisted", "hf_assisted_default"]
+    hf_paths = [] if args.skip_hf or args.batch_size != 1 else ["hf"] + ([] if refusal else assisted)
     hf_drafter = drafter and drafter.model
     eos = list(target.eos_token_ids)
     hf_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, eos_token_id=eos,
                      pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0])
     if args.temperature > 0:
         hf_kwargs.update(temperature=args.temperature, top_p=1.0, top_k=0)
+    hf_extra = {"hf": {}, "hf_assisted_default": dict(assistant_model=hf_drafter),
+                "hf_assisted": dict(assistant_model=hf_drafter, num_assistant_tokens=gamma,
+                                    num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0)}
 
-    def hf_generate(ids, **extra):
+    def hf_generate(name, ids, max_new_tokens=args.max_new_tokens):
         with torch.inference_mode():
-            out = target.model.generate(torch.tensor([ids], device=args.device), **hf_kwargs, **extra)
+            out = target.model.generate(torch.tensor([ids], device=args.device),
+                                        **{**hf_kwargs, "max_new_tokens": max_new_tokens}, **hf_extra[name])
         return out.shape[1] - len(ids)
 
-    paths = {name: PathTotals() for name in ("ar", "spec", "hf", "hf_assisted", "hf_assisted_default")}
-    ar_outputs, spec_results = [], []
-    # Warm up every path once on the first prompt (allocations, lazy init).
-    ar_engine.generate([Request("warm", prompts[0], dataclasses.replace(params, max_tokens=4))])
-    spec_engine.generate([Request("warm", prompts[0], dataclasses.replace(params, max_tokens=4))])
+    paths = {name: PathTotals() for name in (*engines, "hf", "hf_assisted", "hf_assisted_default")}
+    outputs: dict[str, list] = {name: [] for name in engines}
+    # Every arm is warmed alike before any timing: one batch of the first prompts, WARMUP_TOKENS new tokens
+    # (allocations, lazy init, and for auto the policy's first acceptance evidence).
+    warm, warm_tokens = prompts[: args.batch_size], min(WARMUP_TOKENS, args.max_new_tokens)
+    warmup = {name: f"{len(warm)} prompt(s) x {warm_tokens} tokens, untimed" for name in (*engines, *hf_paths)}
+    for name, eng in engines.items():
+        eng.generate([Request(f"warm-{i}", ids, dataclasses.replace(params, max_tokens=warm_tokens))
+                      for i, ids in enumerate(warm)])
+    for name in hf_paths:
+        hf_generate(name, warm[0], warm_tokens)
     batches = [prompts[i: i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
     from tqdm import tqdm
 
+    arms = [*engines, *hf_paths]
     for b, batch in enumerate(tqdm(batches, desc="bench decode", file=sys.stderr, disable=None)):
         requests = [Request(f"{b}-{i}", ids, params) for i, ids in enumerate(batch)]
-        results, seconds = _timed(lambda: ar_engine.generate(requests))
-        paths["ar"].add_engine(results, seconds)
-        ar_outputs += [r.output_token_ids for r in results]
-        results, seconds = _timed(lambda: spec_engine.generate(requests))
-        paths["spec"].add_engine(results, seconds)
-        spec_results += results
-        if args.skip_hf or args.batch_size != 1:
-            continue  # transformers' assisted generation decodes one sequence at a time
-        ids = batch[0]
-        paths["hf"].add(*_timed(lambda: hf_generate(ids)))
-        if drafter is None or drafter.reads_target_features:
-            continue  # transformers cannot run a drafter that reads the target's features
-        paths["hf_assisted"].add(*_timed(lambda: hf_generate(
-            ids, assistant_model=hf_drafter, num_assistant_tokens=gamma,
-            num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0)))
-        paths["hf_assisted_default"].add(*_timed(lambda: hf_generate(ids, assistant_model=hf_drafter)))
+        for name in arms[b % len(arms):] + arms[: b % len(arms)]:  # rotated: no arm always runs first
+            if name in engines:
+                results, seconds = _timed(lambda: engines[name].generate(requests))
+                paths[name].add_engine(results, seconds)
+                outputs[name] += results
+            else:
+                paths[name].add(*_timed(lambda: hf_generate(name, batch[0])))
 
+    spec_results, ar_outputs = outputs["spec"], [r.output_token_ids for r in outputs["ar"]]
     drafted = sum(r.stats.drafted for r in spec_results)
     accepted = sum(r.stats.accepted for r in spec_results)
     compared = sum(r.stats.compared for r in spec_results)
@@ -293,12 +330,15 @@ def run(args: argparse.Namespace) -> dict:
     lookup_accepted = sum(r.stats.lookup_accepted for r in spec_results)
     alpha = accepted / compared if compared else 0.0
     mean_accepted_length = emitted / steps if steps else 0.0
-    costs = measure_step_costs(target_runner, drafter_runner, int(statistics.median(map(len, prompts))), gamma)
-    _, theoretical = leviathan(alpha, gamma, costs["cost_ratio"])
-    predicted = mean_accepted_length / (gamma * costs["cost_ratio"] + costs["verify_cost_ratio"])
+    # With auto, the costs and the Leviathan figures are those of the mean draft length the policy chose.
+    drafted_per_step = max(1, round(drafted / steps)) if auto and steps else gamma if not auto else 1
+    costs = measure_step_costs(target_runner, drafter_runner, int(statistics.median(map(len, prompts))),
+                               drafted_per_step)
+    _, theoretical = leviathan(alpha, drafted_per_step, costs["cost_ratio"])
+    predicted = mean_accepted_length / (drafted_per_step * costs["cost_ratio"] + costs["verify_cost_ratio"])
     mismatches = None
-    if args.temperature == 0:
-        mismatches = sum(a != r.output_token_ids for a, r in zip(ar_outputs, spec_results))
+    if args.temperature == 0:  # every engine arm against autoregressive decoding
+        mismatches = sum(a != r.output_token_ids for name in engines for a, r in zip(ar_outputs, outputs[name]))
     ar_tok_s, spec_tok_s = paths["ar"].tok_s, paths["spec"].tok_s
 
     def ratio(a, b):
@@ -340,7 +380,17 @@ def run(args: argparse.Namespace) -> dict:
         "autoregressive_vs_hf_generate": ratio(ar_tok_s, paths["hf"].tok_s),
         "engine_efficiency": ratio(ratio(spec_tok_s, ar_tok_s), predicted),
         "greedy_mismatches": mismatches,
+        "hf_assisted_refused": refusal if not args.skip_hf and args.batch_size == 1 else None,
+        "threads": torch.get_num_threads(),
+        "warmup": warmup,
     }
+    if auto:
+        sweep = {g: paths[f"gamma_{g}" if g else "ar"].tok_s for g in SWEEP}
+        best = max(sweep, key=lambda g: sweep[g] or 0.0)
+        report.update(sweep_tok_s={str(g): tok_s for g, tok_s in sweep.items()}, auto_tok_s=spec_tok_s,
+                      best_fixed_gamma=best, best_fixed_tok_s=sweep[best], auto_vs_best_fixed=ratio(spec_tok_s, sweep[best]),
+                      mean_drafted_per_step=drafted / steps if steps else 0.0,
+                      policy=engines["spec"].policy_snapshot())
     if args.layer_parallel or args.layer_parallel_plan:
         plan = LayerParallelConfig.from_engine(engine_config(
             args, layer_parallel_group_size=max(1, args.layer_parallel), layer_parallel_devices=tuple(pair_devices),
@@ -376,6 +426,11 @@ def summary_table(report: dict) -> str:
         f"predicted speedup {report['predicted_speedup']:.2f}x (Leviathan, v=1: {report['theoretical_speedup']:.2f}x)",
         f"greedy mismatches vs autoregressive: {report['greedy_mismatches']}",
     ]
+    if "sweep_tok_s" in report:
+        sweep = ", ".join(f"{g}: {fmt(t)}" for g, t in report["sweep_tok_s"].items())
+        lines.insert(-1, f"fixed-gamma sweep (tok/s) {sweep}; auto {fmt(report['auto_tok_s'])} = "
+                         f"{fmt(report['auto_vs_best_fixed'], '.2f')}x the best fixed (gamma {report['best_fixed_gamma']}), "
+                         f"{report['mean_drafted_per_step']:.2f} drafted per step")
     if report["prompt_lookup"]:
         lines.insert(-2, f"prompt lookup (n-grams {report['prompt_lookup'][0]}-{report['prompt_lookup'][1]}): "
                          f"{report['lookup_drafted_share']:.2f} of drafted tokens, acceptance rate "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import typing
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
@@ -27,8 +28,17 @@ class EngineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    num_speculative_tokens: int = Field(4, ge=0, le=32, description="Tokens drafted per step (gamma) when a "
-                                        "request does not ask for another number; 0 = autoregressive decoding.")
+    num_speculative_tokens: Annotated[int, Field(ge=0, le=32)] | Literal["auto"] = Field(
+        4, description="Tokens drafted per step (gamma) when a request does not ask for another "
+        "number; 0 = autoregressive decoding; auto = the speculation policy (policy.py) chooses, every step and "
+        "per row, how many tokens to draft (0 included) and with which proposer, from a cost profile measured at "
+        "start and live acceptance estimates.")
+    auto_max_speculative_tokens: int = Field(8, ge=1, le=32, description="With num_speculative_tokens auto: the "
+                                             "most tokens the policy may draft for a row in one step (the "
+                                             "context headroom every request reserves).")
+    auto_probe_interval: int = Field(64, ge=1, description="With num_speculative_tokens auto: a proposer the "
+                                     "policy has not used for this many steps drafts one token for one step, so "
+                                     "that a drafter that became worth it (a swap, a traffic shift) is noticed.")
     max_batch_size: int = Field(8, ge=1, description="Sequences decoded together (batch slots).")
     max_model_len: int = Field(2048, ge=16, description="Context length: prompt + output + speculation headroom.")
     topk_logprobs: int = Field(8, ge=0, le=64, description="Target top-k log-probabilities kept per output "
@@ -57,6 +67,16 @@ class EngineConfig(BaseModel):
                                                     "is split over them in contiguous stages; empty = one device, "
                                                     "stacked groups.")
 
+    @property
+    def auto(self) -> bool:
+        """True when the speculation policy chooses the draft lengths."""
+        return self.num_speculative_tokens == "auto"
+
+    @property
+    def max_speculative_tokens(self) -> int:
+        """The most tokens a row drafts per step when its request asks for no length of its own."""
+        return self.auto_max_speculative_tokens if self.auto else self.num_speculative_tokens
+
     @model_validator(mode="after")
     def _lookup_range(self):
         if self.prompt_lookup_max and self.prompt_lookup_min > self.prompt_lookup_max:
@@ -75,6 +95,15 @@ def _parse_tuple(item_type):
     return parse
 
 
+def _int_or_auto(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} must be an integer or auto") from None
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, fields: Sequence[str] | Mapping[str, str]) -> None:
     """Add one flag per EngineConfig field (`--field-name`, or the flag a mapping gives), with the field's type
     and description; unset flags stay None, so `config_options` passes only what the command line set and
@@ -89,6 +118,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, fields: Sequence[str] 
         elif getattr(kind, "__origin__", None) is tuple:
             item = typing.get_args(kind)[0]
             kwargs = {"type": _parse_tuple(str if item is str else int), "metavar": "A,B,..."}
+        elif typing.get_origin(kind) is typing.Union:
+            kwargs = {"type": _int_or_auto, "metavar": "N|auto"}  # int | Literal["auto"], the one union here
         elif kind is not int:
             kwargs = {"type": kind}
         default = info.default

@@ -8,7 +8,8 @@ one target forward verifies all of them (sampling.py's rule), each sequence adva
 length (ragged), and the proposer is told what stood. Rolling the target cache back is a length change.
 `num_speculative_tokens=0` runs the same code as plain autoregressive decoding; with
 `disable_speculation_at_batch` set, a step decoding at least that many sequences decodes them
-autoregressively. Every target forward also stores the target's final-normed hidden state per position
+autoregressively; with `auto`, the speculation policy (auto_speculation.py, policy.py) chooses every
+step each row's draft length (0 included) and proposer (lookup or drafter). Every target forward also stores the target's final-normed hidden state per position
 (`target_features`, a slot store beside the KV cache with the same lengths), which a feature-reading
 drafter reads. Output text is detokenized incrementally (detokenize.py).
 
@@ -16,8 +17,8 @@ Invariants per sequence (tokens = prompt + output so far): the target cache hold
 last (`target_len == len(tokens) - 1` between steps); the proposer's own cache holds an exact prefix whose
 length it keeps per slot (proposers/drafter.py); sequences occupy the contiguous slots 0..n-1.
 
-Not here: the ways of drafting (proposers/), sampling math (sampling.py), model loading (models.py),
-HTTP/Ray (serve/), timing of whole benchmarks (bench_decode.py).
+Not here: the ways of drafting (proposers/), choosing draft lengths (policy.py), per-request counters
+(request_stats.py), sampling math (sampling.py), model loading (models.py), HTTP/Ray (serve/), benchmarks.
 """
 
 from __future__ import annotations
@@ -29,19 +30,24 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from draftsmith.auto_speculation import AutoSpeculation, StepTimings
 from draftsmith.detokenize import IncrementalDetokenizer
 from draftsmith.engine_config import EngineConfig
 from draftsmith.llama import CausalLMRunner, KVCache
-from draftsmith.proposers import LOOKUP, Draft, EngineView, Proposer, Rows, build_proposer
-from draftsmith.sampling import (
-    SamplingParams,
-    processed_probs,
-    sample_from,
-    verify_greedy,
-    verify_sampled,
-)
+from draftsmith.policy import LOOKUP, CostModel
+from draftsmith.proposers import Draft, EngineView, Proposer, Rows, build_proposer
+from draftsmith.request_stats import AcceptanceRates, RequestStats  # noqa: F401  (re-exported)
+from draftsmith.sampling import SamplingParams, processed_probs, sample_from, verify_greedy, verify_sampled
 
 logger = logging.getLogger(__name__)
+
+
+class InvalidRequestError(ValueError):
+    """A request no engine could run (empty prompt, token ids outside the vocabulary, negative gamma)."""
+
+
+class ContextLengthError(ValueError):
+    """A request whose prompt, max_tokens and speculation headroom do not fit the context."""
 
 
 @dataclasses.dataclass
@@ -49,54 +55,7 @@ class Request:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams = SamplingParams()
-    num_speculative_tokens: int | None = None  # None: the engine's default gamma
-
-
-class AcceptanceRates:
-    """The derived rates of docs/design.md's vocabulary, over counters named drafted, accepted, compared,
-    steps and emitted_in_steps (per request here; pooled over requests in evaluation.py)."""
-
-    drafted: int
-    accepted: int
-    compared: int
-    steps: int
-    emitted_in_steps: int
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
-
-    @property
-    def token_acceptance(self) -> float:
-        return self.accepted / self.compared if self.compared else 0.0
-
-    @property
-    def mean_accepted_length(self) -> float:
-        return self.emitted_in_steps / self.steps if self.steps else 0.0
-
-    def rates(self) -> dict[str, float]:
-        """The three derived rates by name (for reports and JSON)."""
-        return {"acceptance_rate": self.acceptance_rate, "token_acceptance": self.token_acceptance,
-                "mean_accepted_length": self.mean_accepted_length}
-
-
-@dataclasses.dataclass
-class RequestStats(AcceptanceRates):
-    """Per-request speculation counters."""
-
-    drafted: int = 0
-    accepted: int = 0
-    compared: int = 0
-    steps: int = 0  # target verification steps (the prefill's first token is not one)
-    emitted_in_steps: int = 0
-    lookup_drafted: int = 0  # of `drafted`, the tokens prompt lookup proposed
-    lookup_accepted: int = 0  # of `accepted`, the tokens prompt lookup proposed
-    draft_seconds: float = 0.0
-    verify_seconds: float = 0.0
-    prefill_seconds: float = 0.0
-
-    def as_dict(self) -> dict:
-        return {**dataclasses.asdict(self), **self.rates()}
+    num_speculative_tokens: int | None = None  # None: the engine's default gamma (or its policy's, with auto)
 
 
 @dataclasses.dataclass
@@ -149,7 +108,9 @@ class SpecEngine:
 
     def __init__(self, target: CausalLMRunner, drafter: CausalLMRunner | None = None, *,
                  config: EngineConfig = EngineConfig(), eos_token_ids: Sequence[int] = (),
-                 decode: Callable[[list[int]], str] | None = None, drafter_version: str = "none"):
+                 decode: Callable[[list[int]], str] | None = None, drafter_version: str = "none",
+                 cost_model: CostModel | None = None):
+        """`cost_model` (auto mode only): the pair's cost profile, instead of measuring it at start."""
         self.target = target
         self.config = config
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -164,6 +125,8 @@ class SpecEngine:
                                 self.target_features)
         self.active: list[_Sequence] = []
         self.waiting: list[Request] = []
+        self.auto: AutoSpeculation | None = None  # the speculation policy's driver, with auto, once it can draft
+        self._cost_model = cost_model
         self.set_drafter(drafter, drafter_version)
         self._master = torch.Generator().manual_seed(config.seed)
         self._on_cuda = target.device.type == "cuda"
@@ -180,29 +143,46 @@ class SpecEngine:
         self.drafter = drafter
         self.drafter_version = version if drafter is not None else "none"
         self.proposer: Proposer = build_proposer(drafter, self.config, self._view)
+        if self.auto is not None:
+            self.auto.set_drafter(drafter, self.drafter_version)
+        elif self.config.auto and self.proposer.speculates:
+            self.auto = AutoSpeculation(self.config, self.target, drafter, self.drafter_version,
+                                        lookup=bool(self.config.prompt_lookup_max), cost_model=self._cost_model)
+
+    def policy_snapshot(self) -> dict | None:
+        """With auto: the policy's EMA of predicted and measured speedup over autoregressive decoding (measured:
+        a step's emitted tokens per second over the cost model's autoregressive rate at that batch size), its
+        conditional acceptance per draft position by proposer key, and the steps it planned. None otherwise."""
+        if not self.config.auto:
+            return None
+        if self.auto is None:  # nothing that can draft is loaded: every step is autoregressive
+            return {"predicted_speedup": 1.0, "measured_speedup": 1.0, "alphas": {}, "steps": 0}
+        return self.auto.snapshot()
 
     def validate(self, request: Request) -> None:
-        """Raise ValueError with a user-facing message if the request cannot run on this engine."""
+        """Raise InvalidRequestError or ContextLengthError (ValueErrors) with a user-facing message if the
+        request cannot run on this engine."""
         prompt_len = len(request.prompt_token_ids)
         if prompt_len == 0:
-            raise ValueError("The prompt is empty: send at least one token.")
+            raise InvalidRequestError("The prompt is empty: send at least one token.")
         if request.num_speculative_tokens is not None and request.num_speculative_tokens < 0:
-            raise ValueError(f"num_speculative_tokens must be >= 0, got {request.num_speculative_tokens}")
+            raise InvalidRequestError(f"num_speculative_tokens must be >= 0, got {request.num_speculative_tokens}")
+        vocab = self.target.embed.shape[0]
+        bad = [t for t in request.prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"Prompt token ids {bad[:5]} are outside the vocabulary of {vocab}.")
         gamma = self._gamma(request)
         needed = prompt_len + request.params.max_tokens + gamma + 1
         if needed > self.max_len:
-            raise ValueError(
+            raise ContextLengthError(
                 f"The prompt ({prompt_len} tokens) plus max_tokens ({request.params.max_tokens}) exceeds the "
                 f"context of {self.max_len} tokens (with {gamma + 1} tokens of speculation headroom): shorten "
                 f"the prompt or lower max_tokens to at most {max(0, self.max_len - prompt_len - gamma - 1)}."
             )
-        vocab = self.target.embed.shape[0]
-        bad = [t for t in request.prompt_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"Prompt token ids {bad[:5]} are outside the vocabulary of {vocab}.")
 
     def _gamma(self, request: Request) -> int:
-        gamma = self.config.num_speculative_tokens if request.num_speculative_tokens is None else request.num_speculative_tokens
+        """The most tokens a request drafts per step (with auto: the policy's limit, unless it asked for a length)."""
+        gamma = self.config.max_speculative_tokens if request.num_speculative_tokens is None else request.num_speculative_tokens
         return gamma if self.proposer.speculates else 0
 
     def add_request(self, request: Request) -> None:
@@ -289,8 +269,7 @@ class SpecEngine:
                     lambda count: self._uniforms(seqs, count))
 
     def _sync(self) -> None:
-        if self._on_cuda:
-            torch.cuda.synchronize()
+        self._on_cuda and torch.cuda.synchronize()
 
     def _sampling_tensors(self, seqs: list[_Sequence]):
         params = [s.request.params for s in seqs]
@@ -342,12 +321,30 @@ class SpecEngine:
         values, ids = logits.float().log_softmax(-1).topk(k, dim=-1)
         return ids.cpu(), values.cpu()
 
-    def _step_gammas(self, seqs: list[_Sequence]) -> list[int]:
+    def _caps(self, seqs: list[_Sequence]) -> list[int]:
         """Tokens each row may draft this step: its gamma, within max_tokens and the context."""
-        if 0 < self.config.disable_speculation_at_batch <= len(seqs):
-            return [0] * len(seqs)  # a proposer catches up from the target's tokens when it next drafts
         return [max(0, min(s.gamma, s.request.params.max_tokens - len(s.output) - 1, self.max_len - len(s.tokens) - 1))
                 for s in seqs]
+
+    def _propose(self, seqs: list[_Sequence], rows: Rows):
+        """The step's draft, and with auto the policy's plan and what the step needs to report it:
+        (draft, plan, caps, lookup matches, per-row switched-off flags, lookup seconds)."""
+        caps = self._caps(seqs)
+        if self.auto is None:
+            if 0 < self.config.disable_speculation_at_batch <= len(seqs):
+                caps = [0] * len(seqs)  # a proposer catches up from the target's tokens when it next drafts
+            draft = self.proposer.propose(rows, caps) if any(caps) else Draft.zeros(rows, 0, self._view)
+            return draft, None, [False] * len(seqs), 0.0
+        start = time.perf_counter()
+        matches = self.proposer.lookup_matches(rows, caps)  # looked up once, handed to the proposer below
+        lookup_seconds = time.perf_counter() - start
+        fixed = [s.request.num_speculative_tokens for s in seqs]
+        plan = self.auto.plan(caps, matches, fixed)
+        gammas = list(plan.gammas)
+        found = None if matches is None else [m[:g] if p == LOOKUP else []
+                                              for m, g, p in zip(matches, gammas, plan.proposers)]
+        draft = self.proposer.propose_planned(rows, gammas, found) if any(gammas) else Draft.zeros(rows, 0, self._view)
+        return draft, plan, self.auto.switched_off(plan, caps, matches, fixed), lookup_seconds
 
     @torch.inference_mode()
     def _decode_step(self, seqs: list[_Sequence], emitted: dict[int, list[int]]) -> None:
@@ -355,9 +352,7 @@ class SpecEngine:
         which sit at the end."""
         start = time.perf_counter()
         rows = self._batch(seqs)
-        gammas = self._step_gammas(seqs)
-        proposer = self.proposer
-        draft = proposer.propose(rows, gammas) if any(gammas) else Draft.zeros(rows, 0, self._view)
+        draft, plan, off, lookup_seconds = self._propose(seqs, rows)
         self._sync()
         drafted_at = time.perf_counter()
         verdict, topk = self._verify(seqs, rows, draft)
@@ -366,22 +361,22 @@ class SpecEngine:
         self._sync()
         done = time.perf_counter()
         if any(draft.lengths):
-            proposer.commit(rows, draft, accepted)
+            self.proposer.commit(rows, draft, accepted)
+        kept_total = 0
         for i, s in enumerate(seqs):
             a, g = accepted[i], draft.lengths[i]
-            s.stats.steps += 1
-            s.stats.drafted += g
-            s.stats.accepted += a
-            s.stats.compared += min(a + 1, g)
-            if draft.sources[i] == LOOKUP:
-                s.stats.lookup_drafted += g
-                s.stats.lookup_accepted += a
+            s.stats.record_step(g, a, draft.sources[i], policy_off=off[i])
             s.stats.draft_seconds += drafted_at - start
             s.stats.verify_seconds += done - drafted_at
             s.target_len = len(s.tokens) + a
             kept = self._emit(s, tokens[i][: a + 1], topk and (topk[0][i, : a + 1], topk[1][i, : a + 1]),
                               accepted=a, emitted=emitted)
             s.stats.emitted_in_steps += kept
+            kept_total += kept
+        if plan is not None:
+            timings = StepTimings(lookup_seconds, drafted_at - start - lookup_seconds, done - drafted_at,
+                                  time.perf_counter() - start)
+            self.auto.observe(plan, draft.sources, draft.lengths, accepted, draft.tokens.shape[1], kept_total, timings)
 
     def _verify(self, seqs: list[_Sequence], rows: Rows, draft: Draft):
         """One target forward over [last token, draft] per row, then the acceptance rule (sampling.py).

@@ -59,6 +59,7 @@ def test_bench_decode_runs_a_feature_drafter(capsys):
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["greedy_mismatches"] == 0 and report["drafter_step_ms"] > 0
     assert report["hf_generate_tok_s"] and report["hf_assisted_tok_s"] is None
+    assert "features" in report["hf_assisted_refused"]
     with pytest.raises(SystemExit, match="drafts sequentially"):
         bench_decode.main(["--target", "tiny", "--drafter", "feature:last1", "--layer-parallel", "2"])
 
@@ -95,3 +96,38 @@ def test_bench_decode_switches_speculation_off_at_a_batch_size(capsys):
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["disable_speculation_at_batch"] == 2 and report["greedy_mismatches"] == 0
     assert report["mean_accepted_length"] == 1.0  # both prompts decode together to the end: never speculated
+
+
+def test_bench_decode_sweeps_fixed_gammas_beside_auto(capsys):
+    """`--gamma auto`: every fixed gamma 0-6 and the policy decode the same prompts, warmed alike, all checked
+    against autoregressive decoding; the JSON adds the sweep and keeps the existing fields."""
+    assert bench_decode.main(["--target", "tiny", "--drafter", "derived:0", "--n-prompts", "4", "--skip-hf",
+                              "--max-new-tokens", "12", "--max-prompt-tokens", "32", "--batch-size", "2",
+                              "--gamma", "auto", "--prompt-lookup-max", "3", "--prompt-lookup-min", "1"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    report = json.loads(out[-1])
+    assert [key for key in REQUIRED if key not in report] == []
+    assert report["gamma"] == "auto" and report["greedy_mismatches"] == 0
+    assert set(report["sweep_tok_s"]) == {str(g) for g in range(7)} and all(report["sweep_tok_s"].values())
+    assert report["best_fixed_tok_s"] == max(report["sweep_tok_s"].values())
+    assert report["sweep_tok_s"][str(report["best_fixed_gamma"])] == report["best_fixed_tok_s"]
+    assert report["auto_vs_best_fixed"] == pytest.approx(report["auto_tok_s"] / report["best_fixed_tok_s"])
+    assert report["auto_tok_s"] == report["speculative_tok_s"]
+    assert set(report["warmup"]) == {"ar", "spec", *(f"gamma_{g}" for g in range(1, 7))}
+    assert report["policy"]["steps"] > 0 and set(report["policy"]["alphas"]) == {"drafter:derived:0", "lookup"}
+    assert any(line.startswith("fixed-gamma sweep") for line in out)
+
+
+def test_bench_decode_refuses_assisted_generation_it_cannot_run_alike(capsys):
+    """A trimmed head: transformers would run another drafter, so assisted generation is refused with the reason;
+    the transformers baselines it runs are warmed like the engine's arms."""
+    from draftsmith.models import tiny_model
+
+    assert bench_decode.main(["--target", "tiny", "--drafter", "derived:0", "--n-prompts", "2",
+                              "--max-new-tokens", "6", "--max-prompt-tokens", "32"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["hf_assisted_refused"] is None and set(report["warmup"]) >= {"hf", "hf_assisted", "ar", "spec"}
+    target = tiny_model()
+    trimmed = bench_decode.derive_from_spec(target, "derived:0", draft_vocab_ids=torch.arange(0, 64))
+    assert "trimmed" in bench_decode.assisted_refusal(trimmed)
+    assert "features" in bench_decode.assisted_refusal(bench_decode.derive_from_spec(target, "feature:last1"))

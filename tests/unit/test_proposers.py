@@ -10,6 +10,7 @@ from draftsmith.models import TinyPreset, derive_drafter, tiny_model
 from draftsmith.proposers import base
 from draftsmith.sampling import SamplingParams
 from draftsmith.specdec import EngineConfig, Request, SpecEngine, runner_for
+from test_specdec import _second_token_p_value
 
 PROMPTS = [[5, 6, 7], [10, 11, 12, 13, 14, 15], [3], [20, 21, 22, 23, 20, 21, 22, 23, 20, 21], [40, 41]]
 
@@ -105,7 +106,6 @@ def _pair_distribution(target, prompt, temperature):
 def test_sampled_output_keeps_the_target_distribution_for_every_proposer(target, runners, echo_registered, method):
     """Chi-square of the second output token (the first one a draft and its verification decide) against the
     target's exact distribution; seeded, so deterministic. Both verdicts (accept and recover) occur."""
-    scipy_stats = pytest.importorskip("scipy.stats")
     prompt, temperature, n = [7, 9, 5, 7, 9, 5, 6, 7], 1.5, 1500
     if method.startswith("lookup"):  # every other token occurs followed by 9: lookup proposes 9 after half of them
         prompt = [t for token in range(3, target.model.config.vocab_size, 2) for t in (token, 9)] + prompt
@@ -115,13 +115,7 @@ def test_sampled_output_keeps_the_target_distribution_for_every_proposer(target,
                                for i in range(n)])
     accepted, drafted = sum(r.stats.accepted for r in results), sum(r.stats.drafted for r in results)
     assert 0 < accepted < drafted
-    observed = torch.bincount(torch.tensor([r.output_token_ids[1] for r in results]), minlength=expected.numel())
-    counts = expected * n
-    keep = counts >= 5
-    assert observed[expected <= 1e-9].sum() == 0
-    obs = torch.cat([observed[keep], observed[~keep].sum()[None]]).double()
-    exp = torch.cat([counts[keep], counts[~keep].sum()[None]]).double()
-    _, p_value = scipy_stats.chisquare(obs.numpy(), (exp * obs.sum() / exp.sum()).numpy())
+    p_value = _second_token_p_value(results, expected)
     assert p_value > 1e-3, f"{method}: samples do not follow the target distribution (p={p_value:.2e})"
 
 

@@ -86,6 +86,15 @@ class Proposer:
         """Up to gammas[b] tokens for row b (0 = none)."""
         raise NotImplementedError
 
+    def lookup_matches(self, rows: Rows, gammas: Sequence[int]) -> list[list[int]] | None:
+        """Each row's prompt-lookup tokens (at most gammas[b]), or None when this proposer does not look up."""
+        return None
+
+    def propose_planned(self, rows: Rows, gammas: Sequence[int], found: Sequence[list[int]] | None) -> Draft:
+        """Draft for a plan that chose per row: rows with tokens in `found` (from `lookup_matches`, cut to the
+        row's length) verify those, the other rows with gammas[b] > 0 the drafter's. Without lookup: `propose`."""
+        return self.propose(rows, gammas)
+
     def commit(self, rows: Rows, draft: Draft, accepted: Sequence[int]) -> None:
         """After verification, before the emitted tokens are appended: accepted[b] of row b's draft stood."""
 

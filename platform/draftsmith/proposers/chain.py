@@ -4,7 +4,9 @@ A row with a lookup match verifies the lookup tokens; the others verify the draf
 only if some row that speculates this step lacks a match, and then drafts for every row (a rectangular
 batch; a matched row gets as many drafter tokens as its lookup proposal, then overwritten). Its cache rule
 sees only its own tokens as accepted: a row that verified lookup tokens commits 0 to the drafter, whose
-cache then keeps only what the real tokens wrote.
+cache then keeps only what the real tokens wrote. `propose_planned` takes the lookup tokens the step
+already found and chose (the speculation policy picks lookup or the drafter per row), so nothing is looked
+up twice.
 """
 
 from __future__ import annotations
@@ -21,8 +23,14 @@ class LookupThenDrafter(Proposer):
     def __init__(self, lookup: LookupProposer, drafter: Proposer):
         self.lookup, self.drafter = lookup, drafter
 
+    def lookup_matches(self, rows: Rows, gammas: Sequence[int]) -> list[list[int]]:
+        return self.lookup.find(rows, gammas)
+
     def propose(self, rows: Rows, gammas: Sequence[int]) -> Draft:
-        found = self.lookup.find(rows, gammas)
+        return self.propose_planned(rows, gammas, self.lookup.find(rows, gammas))
+
+    def propose_planned(self, rows: Rows, gammas: Sequence[int], found: Sequence[list[int]] | None) -> Draft:
+        found = found or [[] for _ in gammas]
         if not self.drafter.speculates or all(f or not g for f, g in zip(found, gammas)):
             return self.lookup.overlay(Draft.zeros(rows, max(map(len, found)), self.lookup.view), found)
         draft = self.drafter.propose(rows, [len(f) or g for f, g in zip(found, gammas)])
