@@ -12,9 +12,12 @@ training loop (`draftsmith.distill.train`): in this process (`--in-process`, no 
 entry point `python -m jobs.distill` on Ray Train (the default; required for `--workers > 1`); the
 algorithm's flags (--loss, --lr, ...) are DistillConfig's fields; (5) evaluate "after" and the
 target alone (autoregressive) in the same engine, and with `--prompt-lookup-max` the distilled drafter
-again with prompt lookup beside it (the *_after_with_options fields). Progress goes to stderr; the LAST
+again with prompt lookup beside it (the *_after_with_options fields); (6) measure the cost ratios c and v
+at the evaluation's batch size (draftsmith.cost_profile). Every arm runs at the same torch threads
+(`--torch-threads` applies to the whole run) and is warmed up alike. Progress goes to stderr; the LAST
 stdout line is one JSON object (records, train_tokens, train_seconds, *_before / *_after,
-autoregressive_tok_s, speedup_after, the Leviathan predictions, ...).
+autoregressive_tok_s, speedup_after, cost_ratio, verify_cost_ratio, the Leviathan predictions, warmup,
+measures: which figures are end to end and which decode phase only, ...).
 
 Not here: serving, the registry (no MLflow is needed), the trigger.
 """
@@ -35,6 +38,7 @@ from typing import Sequence
 import yaml
 
 from draftsmith.distill import DistillConfig, TrainCallback
+from draftsmith.engine_config import EngineConfig
 
 logger = logging.getLogger("draftsmith.bench_distill")
 
@@ -147,9 +151,9 @@ def make_traffic(args, target, traffic_uri: str) -> tuple[int, bool]:
     from draftsmith.datasets_io import user_turn_prompts
 
     prompts = [p for c in chats for p in user_turn_prompts(c, args.user_turns)]
-    return generate_traffic(target, None, prompts, traffic_uri,
-                            max_tokens=args.max_output_tokens, topk=args.topk,
-                            max_prompt_tokens=args.max_prompt_tokens, batch_size=args.backfill_batch_size), False
+    engine = EngineConfig(topk_logprobs=args.topk, max_batch_size=args.backfill_batch_size, seed=args.seed)
+    return generate_traffic(target, None, prompts, traffic_uri, engine=engine, max_tokens=args.max_output_tokens,
+                            max_prompt_tokens=args.max_prompt_tokens), False
 
 
 class _Progress(TrainCallback):
@@ -172,14 +176,12 @@ class _Progress(TrainCallback):
 
 
 def train_in_process(args, drafter, train_dataset, target) -> tuple[object, dict]:
-    """The job's training loop (`draftsmith.distill.train`, the Ray Train worker's), in this process."""
-    import torch
+    """The job's training loop (`draftsmith.distill.train`, the Ray Train worker's), in this process (at the
+    torch threads `main` set for the whole run)."""
     from tqdm.auto import tqdm
 
     from draftsmith.distill import DistillStudent, total_steps, train
 
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
     config = args.distill
     student = DistillStudent.for_config(drafter, config)
     with tqdm(total=total_steps(config, len(train_dataset)), desc="distill", unit="step", file=sys.stderr) as bar:
@@ -225,20 +227,51 @@ def _options_result(options: dict, report, autoregressive) -> dict:
             "speedup_after_with_options": m.tok_s / autoregressive.tok_s if autoregressive.tok_s else 0.0}
 
 
+def measured_costs(target, drafter, *, rows: int, gamma: int, context: int) -> dict:
+    """The cost ratios c (one drafter step / one target step) and v (verifying gamma + 1 tokens / one target
+    step), measured as median forward times at `rows` rows (the evaluation's batch) and `context` cached
+    positions, on the runners evaluation decodes with (draftsmith.cost_profile, the speculation policy's own
+    measurement)."""
+    from draftsmith.cost_profile import drafter_curve, target_curve
+    from draftsmith.specdec import runner_for
+
+    target_seconds = target_curve(runner_for(target.model), max_rows=rows, max_tokens=gamma + 1, context=context)
+    drafter_seconds = drafter_curve(runner_for(None, drafter), max_rows=rows, context=context)
+    step, verify, draft = target_seconds(rows), target_seconds(rows * (gamma + 1)), drafter_seconds(rows)
+    return {"cost_batch_size": rows, "cost_context": context, "target_step_ms": 1e3 * step,
+            "verify_ms": 1e3 * verify, "drafter_step_ms": 1e3 * draft, "cost_ratio": draft / step,
+            "verify_cost_ratio": verify / step}
+
+
+# How each arm is warmed up (draftsmith.evaluation warms every engine it builds alike) and what each figure
+# measures: the `warmup` and `measures` objects of the JSON.
+WARMUP = ("its own engine decodes the first held-out prompt once (up to 8 new tokens, greedy), untimed, "
+          "before it is timed, at the same torch threads as every other arm")
+MEASURES = {
+    "tok_s": "end to end: output tokens / wall seconds of an arm decoding every held-out prompt in the engine "
+             "at eval batch size (prefill included)",
+    "speedup": "end to end: an arm's tok_s / autoregressive_tok_s (same prompts, engine, batch, threads)",
+    "costs": "decode phase: median forward times at cost_batch_size rows and cost_context cached positions",
+    "predicted_speedup": "decode phase only (Leviathan's model with the measured c and v): compare with the "
+                         "end-to-end speedups knowing they also carry the prefill",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     import torch
 
-    from draftsmith.bench_decode import leviathan, measure_step_costs
+    from draftsmith.bench_decode import leviathan
     from draftsmith.datasets_io import load_prompt_source
     from draftsmith.evaluation import evaluate_drafters, plot_comparison, prompts_from_messages
     from draftsmith.models import derive_from_spec, frequent_token_ids, load_drafter, load_model, save_drafter
-    from draftsmith.specdec import runner_for
     from draftsmith.distill_data import build_distill_dataset
 
     torch.manual_seed(args.seed)
+    if args.torch_threads:  # every evaluation (before, after, autoregressive) and in-process training alike
+        torch.set_num_threads(args.torch_threads)
     started = time.perf_counter()
     tmp = tempfile.TemporaryDirectory(prefix="draftsmith-bench-distill-")
     traffic_uri = args.traffic_uri or str(Path(tmp.name) / "traffic")
@@ -267,8 +300,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     prompts = prompts_from_messages(target.tokenizer, messages, args.eval_max_prompt_tokens)
     logger.info("held-out: %d prompts from %s (%d tokens)", len(prompts), args.heldout,
                 sum(map(len, prompts)))
-    eval_kw = dict(gamma=args.gamma, max_new_tokens=args.max_new_tokens, temperatures=(0.0,), seed=args.seed,
-                   batch_size=args.eval_batch_size)
+    engine = EngineConfig(num_speculative_tokens=args.gamma, max_batch_size=args.eval_batch_size, seed=args.seed)
+    eval_kw = dict(engine=engine, max_new_tokens=args.max_new_tokens, temperatures=(0.0,))
+    threads = {"before": torch.get_num_threads()}
     before = evaluate_drafters(target, {"before": drafter}, prompts, measure_autoregressive=False, **eval_kw)
     logger.info("before distillation:\n%s", before.table())
 
@@ -282,12 +316,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     train_seconds = time.perf_counter() - t0
     logger.info("distilled in %.1f s (%s)", train_seconds, "Ray Train" if use_ray else "in process")
 
+    threads["after"] = torch.get_num_threads()
     after = evaluate_drafters(target, {"after": trained}, prompts, **eval_kw)
     logger.info("after distillation:\n%s", after.table())
     options, with_options = args.engine_options, None
     if options:
+        threads["after_with_options"] = torch.get_num_threads()
         with_options = evaluate_drafters(target, {"after+options": trained}, prompts, measure_autoregressive=False,
-                                         engine_options=options, **eval_kw)
+                                         **{**eval_kw, "engine": engine.model_copy(update=options)})
         logger.info("after distillation, with %s:\n%s", options, with_options.table())
     if args.save_drafter:
         save_drafter(trained, Path(args.save_drafter), target.tokenizer)
@@ -302,12 +338,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     target_params = sum(p.numel() for p in target.model.model.layers.parameters())
     vocab_size = target.model.config.vocab_size
     head = trained.head_token_ids.numel() if trained.head_token_ids is not None else vocab_size
-    # Cost ratio by parameters touched per token (decoder layers + head rows): a rough c for Leviathan.
+    # Parameters touched per token (decoder layers + head rows), kept for reference only: predictions use the
+    # measured costs below.
     hidden = target.model.config.hidden_size
-    cost_ratio = (draft_params + head * hidden) / (target_params + target.model.config.vocab_size * hidden)
-    # Verification cost v, measured on the runner evaluation decodes with (prepacked weights on CPU).
-    verify_cost = measure_step_costs(runner_for(target.model), None, int(statistics.median(map(len, prompts))),
-                                     args.gamma)["verify_cost_ratio"]
+    cost_ratio_params = (draft_params + head * hidden) / (target_params + vocab_size * hidden)
+    costs = measured_costs(target, trained, rows=min(args.eval_batch_size, len(prompts)), gamma=args.gamma,
+                           context=int(statistics.median(map(len, prompts))) + args.max_new_tokens // 2)
+    c, v = costs["cost_ratio"], costs["verify_cost_ratio"]
     result = {
         "target": target.model_id, "device": args.device, "traffic": args.traffic, "traffic_reused": reused,
         "user_turns": args.user_turns if args.traffic == "generate" and not reused else None, "records": records,
@@ -331,10 +368,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "autoregressive_tok_s": ar.tok_s,
         "speedup_before": b.tok_s / ar.tok_s if ar.tok_s else 0.0, "speedup_after": after.speedup("after"),
         **_options_result(options, with_options, ar),
-        "cost_ratio_params": cost_ratio,
-        "predicted_speedup_leviathan": leviathan(a.token_acceptance, args.gamma, cost_ratio)[1],
-        "verify_cost_ratio": verify_cost,
-        "predicted_speedup_measured_v": leviathan(a.token_acceptance, args.gamma, cost_ratio, verify_cost)[1],
+        "cost_ratio_params": cost_ratio_params, **costs,
+        "predicted_speedup_leviathan": leviathan(a.token_acceptance, args.gamma, c)[1],
+        "predicted_speedup_measured_v": leviathan(a.token_acceptance, args.gamma, c, v)[1],
+        "torch_threads": threads, "eval_batch_size": args.eval_batch_size,
+        "warmup": {arm: WARMUP for arm in ("before", "after", "autoregressive", *(["after_with_options"] if options
+                                                                                  else []))},
+        "measures": MEASURES,
         "total_seconds": round(time.perf_counter() - started, 1),
     }
     result = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}

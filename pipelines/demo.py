@@ -6,21 +6,27 @@
 What it does, in order (each step is the production path, run locally):
 1. starts a local Ray head (`ray start`, dashboard on loopback) and a real MLflow server (SQLite,
    local artifacts), recorded in `<state>/services.json` (pipelines/local_services.py);
-2. registers a drafter derived from the target (its first and last layers, a trimmed head; untrained)
-   as version 1 and makes it `champion`;
-3. deploys the Serve app (serve/app.py) whose SpecPair replica polls `models:/<name>@champion`;
+2. registers an untrained drafter derived from the target (by default an EAGLE-style feature drafter,
+   `feature:last1`, with a trimmed head) as version 1 and makes it `champion`;
+3. deploys the Serve app (serve/app.py) whose SpecPair replica polls `models:/<name>@champion`, with
+   `num_speculative_tokens: auto` (the speculation policy) and prompt lookup beside the drafter;
 4. replays ShareGPT prompts over HTTP with concurrent clients (pipelines/replay.py): first the
    held-out prompts with logging opted out ("before"), then train prompts, logged ("serve");
 5. runs the trigger (pipelines/trigger.py) once: it sees the new records and the idle serving load and
    submits `jobs.distill && jobs.evaluate` through the Ray Jobs API; the job distills a challenger
    from the champion on the logged traffic (Ray Train), evaluates it against the champion on the
-   most recent slice and lets the gate promote it;
+   most recent slice and lets the gate promote it; while it runs, a line every `progress_every_s`
+   seconds gives its steps, loss, elapsed and time left (pipelines/job_progress.py);
 6. waits for the replica to hot-swap to the new champion (no restart), replays the same held-out
    prompts again ("after"), and once more with speculation off ("autoregressive", the reference);
+   each of these three measured arms, "before" included, is preceded by the same warm-up (further
+   held-out prompts, same concurrency and settings, not logged, not measured);
 7. prints a table over time, writes a PNG (draftsmith.timeline), logs both and the figures to an
    MLflow run, prints the MLflow UI / Ray dashboard / endpoint addresses and leaves them up.
 The last stdout line is one JSON object (requests, failed_requests, token_acceptance_before_swap,
-token_acceptance_after_swap, tok_s_before_swap, tok_s_after_swap, champion_version, plot, mlflow_url, ...).
+token_acceptance_after_swap, tok_s_before_swap, tok_s_after_swap, tok_s_autoregressive,
+speedup_before_swap, speedup_after_swap (None when a request failed), warmup, champion_version, plot,
+mlflow_url, ...); tok/s figures are end to end over HTTP.
 
 What it does not do: tune anything for you (the sizes are `DemoConfig` fields), or run on a remote
 cluster (infra/ has the manifests for that).
@@ -29,7 +35,6 @@ cluster (infra/ has the manifests for that).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
 import os
@@ -37,16 +42,27 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.fields import FieldInfo
+
+from draftsmith.engine_config import EngineConfig
+from pipelines.demo_report import log_demo_run, phase_figures
 
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 APP_NAME = "draftsmith"
-DEMO_EXPERIMENT = "draftsmith-demo"
+DISTILL_EXPERIMENT = "draftsmith-distill"  # the job's training runs, where the demo reads its progress
+DISTILL_RUN_NAME = "demo-distill"
+WARMUP_PREFIX = "warmup:"  # phase name prefix of the requests that warm a measured arm up
+
+
+_GAMMA = EngineConfig.model_fields["num_speculative_tokens"]
+# Engine settings the demo derives from its own sizes (gamma, concurrency, prompt and output lengths).
+_DERIVED_ENGINE_FIELDS = ("num_speculative_tokens", "max_batch_size", "max_model_len", "topk_logprobs")
 
 
 class DemoConfig(BaseModel):
@@ -57,22 +73,40 @@ class DemoConfig(BaseModel):
     state_dir: str = Field(".state/demo", description="Everything the demo writes (wiped at start).")
     target: str = Field("smollm2-135m-instruct", description="Target model spec.")
     model_name: str = Field("draftsmith-drafter", description="Registered model of the drafters.")
-    drafter_layers: str = Field("first1+last1", description="Target layers the initial drafter keeps.")
+    drafter: str = Field("feature:last1", description="The untrained initial drafter, derived from the target: "
+                         "feature:<layers> (EAGLE-style, reads the target's features) or derived:<layers>.")
     draft_vocab_size: int = Field(4096, ge=2, description="Trimmed head of the initial drafter (VocabTrim).")
     train_prompts: int = Field(2000, ge=8, description="ShareGPT train prompts replayed (and logged).")
     heldout_prompts: int = Field(64, ge=1, description="ShareGPT held-out prompts replayed before and after.")
+    warmup_prompts: int = Field(8, ge=0, description="Further held-out prompts replayed, not measured and not "
+                                "logged, just before each measured phase (before, after, autoregressive) with that "
+                                "phase's settings and concurrency, so that every phase is measured warm alike.")
     max_prompt_tokens: int = Field(128, ge=8, description="Prompts longer than this (templated) are skipped.")
     max_tokens: int = Field(64, ge=1, description="max_tokens of every request.")
     concurrency: int = Field(8, ge=1, description="Concurrent HTTP clients (and engine batch slots).")
-    gamma: int = Field(4, ge=1, description="num_speculative_tokens served and evaluated.")
+    gamma: _GAMMA.annotation = FieldInfo.merge_field_infos(
+        _GAMMA, default="auto", description="num_speculative_tokens served and evaluated by the gate: auto (the "
+        "speculation policy decides every step) or a number of tokens.")
+    engine: dict[str, Any] = Field(
+        {"prompt_lookup_max": 3, "prompt_lookup_min": 1, "prepack_weights": True},
+        description="Further engine settings (EngineConfig fields) of the served pair and the gate's evaluation; "
+                    "num_speculative_tokens, max_batch_size and max_model_len follow gamma, concurrency and the "
+                    "prompt and output lengths.")
     window: int = Field(16, ge=1, description="Requests per row of the table over time.")
     distill_steps: int = Field(3000, ge=1, description="Optimizer steps of the distillation job.")
     distill_lr: float = Field(1e-3, gt=0, description="Distillation learning rate.")
-    eval_prompts: int = Field(32, ge=1, description="Held-out traffic prompts the gate evaluates on.")
+    eval_prompts: int = Field(32, ge=1, description="Held-out traffic prompts the gate evaluates on (the sample "
+                              "size of its paired speed test; the held-out share of the logged train requests must "
+                              "hold this many).")
     eval_temperatures: list[float] = Field([0.0, 1.0], description="Temperatures the gate evaluates.")
     heldout_fraction: float = Field(0.08, gt=0, lt=1, description="Most recent traffic kept out of training "
                                                                   "for the gate's evaluation.")
-    gate_margin: float = Field(0.02, description="Acceptance-rate margin a challenger must beat the champion by.")
+    gate_confidence: float = Field(0.95, ge=0.5, lt=1, description="The gate promotes a challenger only if it "
+                                   "serves faster at this confidence (jobs/evaluate.py, draftsmith.gate).")
+    promotion: Literal["gate", "always"] = Field("gate", description="gate: the job's gate decides; always: the job "
+                                                 "evaluates without gating and the demo promotes the challenger "
+                                                 "itself (a testing aid for a target on which no drafter can be "
+                                                 "faster, such as the random `tiny` one).")
     torch_threads: int = Field(2, ge=1, description="Torch threads of the replica and the training worker.")
     num_cpus: int = Field(4, ge=1, description="Logical CPUs of the local Ray head (replica 1, trainer 1, "
                                                "the rest for Serve's own actors).")
@@ -81,15 +115,32 @@ class DemoConfig(BaseModel):
     dashboard_port: int = Field(8265, description="Ray dashboard port (another free one if taken; not in Ray's "
                                                   "worker port range 10002-19999).")
     job_timeout_s: float = Field(3600, gt=0, description="Give up on the distillation job after this long.")
+    progress_every_s: float = Field(15.0, gt=0, description="Seconds between progress lines of the distillation "
+                                                            "job (steps, loss, time left).")
     swap_timeout_s: float = Field(300, gt=0, description="Give up waiting for the hot swap after this long.")
     autoregressive_reference: bool = Field(True, description="Also replay held-out prompts with speculation off.")
     leave_up: bool = Field(True, description="Leave Ray, Serve and MLflow running (stop: `draftsmith down`).")
 
+    @field_validator("engine")
+    @classmethod
+    def _engine_settings(cls, value: dict[str, Any]) -> dict[str, Any]:
+        derived = sorted(set(value) & set(_DERIVED_ENGINE_FIELDS))
+        if derived:
+            raise ValueError(f"engine.{derived[0]} follows the demo's sizes (gamma, concurrency, max_prompt_tokens, "
+                             f"max_tokens): set those instead")
+        EngineConfig(**value)  # the engine's own rules, one definition
+        return value
 
-# The CPU size: enough logged train requests for a first distillation to raise held-out token acceptance
-# (what it reaches and how long the loop takes: docs/benchmarks.md).
-QUICK: dict[str, Any] = {"train_prompts": 320, "heldout_prompts": 24, "distill_steps": 600, "eval_prompts": 16,
-                         "eval_temperatures": [0.0], "window": 12}
+    def engine_settings(self) -> dict[str, Any]:
+        """The `engine:` section of the Serve app and of the gate's evaluation (EngineConfig fields)."""
+        return {**self.engine, "num_speculative_tokens": self.gamma, "max_batch_size": self.concurrency,
+                "max_model_len": self.max_prompt_tokens + self.max_tokens + 32}
+
+
+# The CPU size: enough logged train requests for a first distillation to raise held-out token acceptance,
+# measured at 4 clients (what it reaches and how long the loop takes: docs/benchmarks.md).
+QUICK: dict[str, Any] = {"train_prompts": 320, "heldout_prompts": 24, "distill_steps": 600, "eval_prompts": 24,
+                         "heldout_fraction": 0.1, "eval_temperatures": [0.0], "window": 12, "concurrency": 4}
 
 
 # ----------------------------------------------------------------------------------------- pieces
@@ -115,22 +166,25 @@ def demo_prompts(tokenizer, split: str, n: int, max_prompt_tokens: int) -> list[
 
 
 def register_initial_drafter(target, registry, cfg: DemoConfig, state: Path):
-    """Version 1: an untrained drafter derived from the target, head trimmed to frequent reply tokens."""
+    """Version 1: an untrained drafter derived from the target (`cfg.drafter`), head trimmed to frequent reply
+    tokens. The registry and the gate treat it like any other version."""
     from draftsmith.datasets_io import sharegpt_split, to_chat_messages
-    from draftsmith.models import derive_drafter, frequent_token_ids, save_drafter
+    from draftsmith.models import derive_from_spec, frequent_token_ids, save_drafter
 
     replies = []
     for conversation in sharegpt_split("train", 2000, seed=1):
         replies += [m["content"] for m in to_chat_messages(conversation, max_turns=2) if m["role"] == "assistant"]
     ids = target.tokenizer(replies, add_special_tokens=False)["input_ids"]
     vocab = frequent_token_ids(ids, cfg.draft_vocab_size, always=target.eos_token_ids)
-    drafter = derive_drafter(target, cfg.drafter_layers, draft_vocab_ids=vocab)
+    drafter = derive_from_spec(target, cfg.drafter, draft_vocab_ids=vocab)
     path = save_drafter(drafter, state / "drafters" / "initial", target.tokenizer)
     version = registry.register_drafter(
-        path, experiment="draftsmith-distill", run_name="initial-derived-drafter",
+        path, experiment=DISTILL_EXPERIMENT, run_name="initial-derived-drafter",
         tags={"target_id": target.model_id, "target_revision": target.revision,
-              "tokenizer_hash": target.tokenizer_hash, "loss": "none (untrained)", "parent_version": ""},
-        params={"layers": cfg.drafter_layers, "draft_vocab_size": cfg.draft_vocab_size, "trained": False})
+              "tokenizer_hash": target.tokenizer_hash, "loss": "none (untrained)", "parent_version": "",
+              "drafter_kind": drafter.meta.get("kind", "derived")},
+        params={"drafter": cfg.drafter, "layers": drafter.meta.get("layers"),
+                "draft_vocab_size": cfg.draft_vocab_size, "trained": False})
     return registry.promote(version.version, reason="initial drafter, derived from the target (untrained)")
 
 
@@ -139,8 +193,7 @@ def serve_args(cfg: DemoConfig, state: Path, mlflow_url: str) -> dict:
     return {
         "target": cfg.target, "drafter": f"models:/{cfg.model_name}@champion", "mlflow_tracking_uri": mlflow_url,
         "drafter_poll_interval_s": 3.0,
-        "engine": {"num_speculative_tokens": cfg.gamma, "max_batch_size": cfg.concurrency,
-                   "max_model_len": cfg.max_prompt_tokens + cfg.max_tokens + 32, "topk_logprobs": 8},
+        "engine": {**cfg.engine_settings(), "topk_logprobs": 8},
         "traffic": {"uri": str(state / "traffic"), "flush_every_records": 64, "flush_every_seconds": 5.0},
         "placement": {"num_cpus": 1, "torch_threads": cfg.torch_threads},
         "autoscaling": {"enabled": False, "num_replicas": 1},
@@ -149,7 +202,8 @@ def serve_args(cfg: DemoConfig, state: Path, mlflow_url: str) -> dict:
 
 def write_job_configs(cfg: DemoConfig, state: Path, mlflow_url: str) -> tuple[Path, Path]:
     """The distillation and evaluation configs the trigger's job runs with (jobs/distill.py, jobs/evaluate.py),
-    written as plain YAML: this pipeline reaches the jobs through their entry points only."""
+    written as plain YAML: this pipeline reaches the jobs through their entry points only. The job starts from
+    the champion (the demo's feature drafter at first) and the gate evaluates at the serving engine settings."""
     from draftsmith.distill import DistillConfig
 
     traffic = str(state / "traffic")
@@ -158,15 +212,18 @@ def write_job_configs(cfg: DemoConfig, state: Path, mlflow_url: str) -> tuple[Pa
     distill = {
         "traffic_uri": traffic, "heldout_fraction": cfg.heldout_fraction, "target": cfg.target,
         "drafter": f"models:/{cfg.model_name}@champion", "fallback_derivation": None,
-        "train": algorithm.model_dump(mode="json", exclude_defaults=True), "num_workers": 1, "resources_per_worker": {"CPU": 1}, "torch_threads": cfg.torch_threads,
-        "checkpoint_every": max(1, cfg.distill_steps // 3), "log_every": 20, "max_failures": 1,
-        "state_dir": str(state), "tracking_uri": mlflow_url, "model_name": cfg.model_name,
+        "train": algorithm.model_dump(mode="json", exclude_defaults=True), "num_workers": 1,
+        "resources_per_worker": {"CPU": 1}, "torch_threads": cfg.torch_threads,
+        "checkpoint_every": max(1, cfg.distill_steps // 3), "log_every": max(1, min(20, cfg.distill_steps // 10)),
+        "max_failures": 1, "state_dir": str(state), "tracking_uri": mlflow_url, "model_name": cfg.model_name,
+        "experiment": DISTILL_EXPERIMENT, "run_name": DISTILL_RUN_NAME,
     }
     evaluate = {
         "tracking_uri": mlflow_url, "model_name": cfg.model_name, "target": cfg.target, "prompts": "traffic",
-        "traffic_uri": traffic, "heldout_fraction": cfg.heldout_fraction, "num_prompts": cfg.eval_prompts,
-        "max_prompt_tokens": cfg.max_prompt_tokens, "max_new_tokens": cfg.max_tokens, "gamma": cfg.gamma,
-        "temperatures": cfg.eval_temperatures, "batch_size": cfg.concurrency, "margin": cfg.gate_margin,
+        "traffic_uri": traffic, "num_prompts": cfg.eval_prompts,  # the challenger's own held-out window
+        "max_prompt_tokens": cfg.max_prompt_tokens, "max_new_tokens": cfg.max_tokens,
+        "engine": cfg.engine_settings(), "temperatures": cfg.eval_temperatures, "confidence": cfg.gate_confidence,
+        "gate": "apply" if cfg.promotion == "gate" else "skip",
     }
     paths = state / "distill.yaml", state / "evaluate.yaml"
     for path, data in zip(paths, (distill, evaluate)):
@@ -195,8 +252,11 @@ def wait_for_drafter(base: str, version: str, timeout_s: float) -> float:
     raise TimeoutError(f"the replica did not swap to drafter v{version} within {timeout_s:.0f} s")
 
 
-def run_job(trigger, timeout_s: float) -> tuple[str, Any]:
-    """Let the trigger decide (it waits for idle serving) and submit; follow the job until it ends."""
+def run_job(trigger, cfg: DemoConfig, mlflow_url: str) -> tuple[str, Any]:
+    """Let the trigger decide (it waits for idle serving) and submit; follow the job until it ends, printing
+    its progress (steps, loss, time left) from the MLflow run its rank-0 worker logs to."""
+    from pipelines.job_progress import DistillProgress
+
     deadline = time.monotonic() + 120
     job_id = None
     while job_id is None:
@@ -208,34 +268,22 @@ def run_job(trigger, timeout_s: float) -> tuple[str, Any]:
             raise RuntimeError(f"the trigger did not submit within 120 s: {decision.reason}")
         else:
             time.sleep(5)
-    print(f"[demo] distillation job {job_id} submitted through the Ray Jobs API", file=sys.stderr, flush=True)
-    outcome = trigger.wait(job_id, timeout_s=timeout_s, poll_s=5.0)
+    _say(f"distillation job {job_id} submitted through the Ray Jobs API (progress every "
+         f"{cfg.progress_every_s:g} s)")
+    with DistillProgress(mlflow_url, DISTILL_EXPERIMENT, DISTILL_RUN_NAME, _say, every_s=cfg.progress_every_s):
+        outcome = trigger.wait(job_id, timeout_s=cfg.job_timeout_s, poll_s=min(5.0, cfg.progress_every_s))
     return job_id, outcome
 
 
-def log_demo_run(mlflow_url: str, cfg: DemoConfig, groups, summary: dict, files: list[Path]) -> str:
-    """One run in the `draftsmith-demo` experiment: params, figures per window (step = requests served), files."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param
+def measured_phase(base: str, prompts, warmup, cfg: DemoConfig, phase: str, gamma: int | None):
+    """One measured arm: its warm-up (the `warmup` prompts, same settings and concurrency, not logged, not
+    measured), then `prompts` (not logged). Returns (warm-up results, measured results)."""
+    from pipelines.replay import replay
 
-    client = MlflowClient(tracking_uri=mlflow_url)
-    experiment = client.get_experiment_by_name(DEMO_EXPERIMENT)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(DEMO_EXPERIMENT)
-    run = client.create_run(experiment_id, run_name=f"demo-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}")
-    now = int(time.time() * 1000)
-    metrics = []
-    for g in groups:
-        for key in ("token_acceptance", "acceptance_rate", "mean_accepted_length", "tok_s"):
-            metrics.append(Metric(f"served_{key}", float(g.as_dict()[key]), now, g.requests_served))
-    metrics += [Metric(k, float(v), now, 0) for k, v in summary.items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    params = [Param(k, str(v)) for k, v in cfg.model_dump().items()]
-    for start in range(0, len(metrics), 900):  # MLflow's log_batch takes at most 1000 metrics
-        client.log_batch(run.info.run_id, metrics=metrics[start:start + 900], params=params if start == 0 else [])
-    for path in files:
-        client.log_artifact(run.info.run_id, str(path))
-    client.set_terminated(run.info.run_id)
-    return run.info.run_id
+    common = {"concurrency": cfg.concurrency, "max_tokens": cfg.max_tokens, "num_speculative_tokens": gamma,
+              "log": False}
+    warm = replay(base, warmup, phase=f"{WARMUP_PREFIX}{phase}", **common) if warmup else []
+    return warm, replay(base, prompts, phase=phase, **common)
 
 
 # ----------------------------------------------------------------------------------------- the loop
@@ -270,7 +318,9 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     _say(f"loading the target {cfg.target} (the first run converts its GGUF once, ~30 s)")
     target = load_model(cfg.target)
-    heldout = demo_prompts(target.tokenizer, "heldout", cfg.heldout_prompts, cfg.max_prompt_tokens)
+    heldout = demo_prompts(target.tokenizer, "heldout", cfg.heldout_prompts + cfg.warmup_prompts,
+                           cfg.max_prompt_tokens)
+    heldout, warmup = heldout[:cfg.heldout_prompts], heldout[cfg.heldout_prompts:]
     train = demo_prompts(target.tokenizer, "train", cfg.train_prompts, cfg.max_prompt_tokens)
     (state / "heldout_prompts.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in heldout))
 
@@ -280,7 +330,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     ray.init(address=services.ray_address, configure_logging=False, log_to_driver=False)
     registry = DrafterRegistry(services.mlflow_url, model_name=cfg.model_name)
     initial = register_initial_drafter(target, registry, cfg, state)
-    _say(f"registered the untrained drafter {cfg.drafter_layers} (+{cfg.draft_vocab_size}-token head) as "
+    _say(f"registered the untrained drafter {cfg.drafter} (+{cfg.draft_vocab_size}-token head) as "
          f"{cfg.model_name} v{initial.version} @champion")
 
     port = pick_port(cfg.serve_port)
@@ -288,11 +338,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(serve_args(cfg, state, services.mlflow_url)), name=APP_NAME, route_prefix="/")
     wait_for_drafter(base, initial.version, cfg.swap_timeout_s)
-    _say(f"serving the OpenAI API at {base}/v1 with drafter v{initial.version}")
+    _say(f"serving the OpenAI API at {base}/v1 with drafter v{initial.version} (num_speculative_tokens "
+         f"{cfg.gamma}, engine {cfg.engine})")
 
-    common = {"concurrency": cfg.concurrency, "max_tokens": cfg.max_tokens, "num_speculative_tokens": cfg.gamma}
-    results = replay(base, heldout, phase="before", log=False, **common)
-    results += replay(base, train, phase="serve", log=True, **common)
+    # Speculative phases send no num_speculative_tokens: the replica's own (cfg.gamma) applies.
+    results = [*sum(measured_phase(base, heldout, warmup, cfg, "before", None), [])]
+    results += replay(base, train, phase="serve", log=True, concurrency=cfg.concurrency, max_tokens=cfg.max_tokens)
     flushed = _get_json(f"{base}/draftsmith/flush", method="POST", timeout=60)
     _say(f"traffic log: {flushed.get('written')} records written to {state / 'traffic'}")
 
@@ -306,28 +357,31 @@ def run_demo(cfg: DemoConfig) -> dict:
         evaluate_config=str(evaluate_yaml), entrypoint_num_cpus=0, working_dir=str(REPO_ROOT),
         python=sys.executable))  # the local cluster runs this environment's interpreter
     job_started = time.monotonic()
-    job_id, outcome = run_job(trigger, cfg.job_timeout_s)
+    job_id, outcome = run_job(trigger, cfg, services.mlflow_url)
     job_seconds = time.monotonic() - job_started
     if outcome.status != "SUCCEEDED":
         raise RuntimeError(f"distillation job {job_id} ended {outcome.status}; its log ends with:\n"
                            f"{outcome.logs_tail}")
-    champion = registry.get_version_by_alias("champion")
     challenger = max(registry.list_versions(), key=lambda v: int(v.version))
-    promoted = champion.version != initial.version
     gate_reason = challenger.tags.get("gate_reason", "")
+    if cfg.promotion == "always":
+        gate_reason = "promotion: always (the demo promotes the challenger without a gate)"
+        registry.promote(challenger.version, reason=gate_reason)
+    champion = registry.get_version_by_alias("champion")
+    promoted = champion.version != initial.version
     _say(f"job {job_id} succeeded in {job_seconds:.0f} s; gate: {gate_reason}")
     swap_seconds = None
     if promoted:
         swap_seconds = wait_for_drafter(base, champion.version, cfg.swap_timeout_s)
         _say(f"the replica hot-swapped to drafter v{champion.version} ({swap_seconds:.0f} s after promotion)")
 
-    results += replay(base, heldout, phase="after", log=False, **common)
+    results += sum(measured_phase(base, heldout, warmup, cfg, "after", None), [])
     if cfg.autoregressive_reference:
-        results += replay(base, heldout, phase="autoregressive", log=False,
-                          **{**common, "num_speculative_tokens": 0})
+        results += sum(measured_phase(base, heldout, warmup, cfg, "autoregressive", 0), [])
 
-    rows = [r.as_row() for r in results]
-    (state / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    every_row = [r.as_row() for r in results]
+    (state / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in every_row))
+    rows = [r for r in every_row if not r["phase"].startswith(WARMUP_PREFIX)]  # the timeline: measured + serve
     groups = windows(rows, cfg.window)
     phases = {name: phase_summary(rows, name) for name in dict.fromkeys(r["phase"] for r in rows)}
     table = format_table(groups) + "\n\nby phase:\n" + format_table(phases.values())
@@ -335,18 +389,13 @@ def run_demo(cfg: DemoConfig) -> dict:
     plot = plot_timeline(groups, state / "timeline.png",
                          title=f"Draftsmith demo: {cfg.target}, gamma {cfg.gamma}, {cfg.concurrency} clients")
     before, after = phases["before"], phases["after"]
+    failed = sum(1 for r in every_row if r["error"])  # warm-up requests included
     summary = {
-        "requests": len(rows), "failed_requests": sum(1 for r in rows if r["error"]),
-        "token_acceptance_before_swap": round(before.token_acceptance, 4),
-        "token_acceptance_after_swap": round(after.token_acceptance, 4),
-        "acceptance_rate_before_swap": round(before.acceptance_rate, 4),
-        "acceptance_rate_after_swap": round(after.acceptance_rate, 4),
-        "mean_accepted_length_before_swap": round(before.mean_accepted_length, 3),
-        "mean_accepted_length_after_swap": round(after.mean_accepted_length, 3),
-        "tok_s_before_swap": round(before.tok_s, 2), "tok_s_after_swap": round(after.tok_s, 2),
-        "tok_s_autoregressive": round(phases["autoregressive"].tok_s, 2) if "autoregressive" in phases else None,
+        "requests": len(rows), "warmup_requests": len(every_row) - len(rows), "failed_requests": failed,
+        **phase_figures(cfg, phases, len(warmup), failed),
         "initial_version": initial.version, "champion_version": champion.version, "promoted": promoted,
-        "gate_reason": gate_reason, "job_id": job_id, "job_seconds": round(job_seconds, 1),
+        "gate_reason": gate_reason, "gate": {k: v for k, v in challenger.tags.items() if k.startswith("gate_")},
+        "job_id": job_id, "job_seconds": round(job_seconds, 1),
         "swap_seconds": None if swap_seconds is None else round(swap_seconds, 1),
         "train_requests_logged": logged, "plot": str(plot), "mlflow_url": services.mlflow_url,
         "ray_dashboard_url": services.dashboard_url, "endpoint": f"{base}/v1",
@@ -391,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nDrafter v{summary['initial_version']} -> v{summary['champion_version']}: token acceptance "
           f"{summary['token_acceptance_before_swap']:.3f} -> {summary['token_acceptance_after_swap']:.3f} "
           f"({gain:+.3f}), {summary['tok_s_before_swap']:.1f} -> {summary['tok_s_after_swap']:.1f} output tok/s "
-          f"(speculation off: {summary['tok_s_autoregressive']} tok/s); {summary['failed_requests']} failed requests.")
+          f"(speculation off: {summary['tok_s_autoregressive']} tok/s; after the swap "
+          f"{summary['speedup_after_swap']}x of it); {summary['failed_requests']} failed requests.")
     if cfg.leave_up:
         print(f"MLflow UI (registry: {cfg.model_name}): {summary['mlflow_url']}\n"
               f"Ray dashboard: {summary['ray_dashboard_url']}\nOpenAI endpoint: {summary['endpoint']}\n"

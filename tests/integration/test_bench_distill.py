@@ -23,7 +23,26 @@ def _run(capsys, *argv) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-def test_bench_distill_generate_train_evaluate_and_resume(capsys, tmp_path):
+@pytest.fixture
+def evaluation_threads(monkeypatch):
+    """The torch threads every evaluation ran at, seen from inside draftsmith.evaluation."""
+    import torch
+    from draftsmith import evaluation
+
+    seen, real = [], evaluation.evaluate_drafters
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate_drafters", spy)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # a default unlike --torch-threads 1: "before" used to run at it
+    yield seen
+    torch.set_num_threads(threads)
+
+
+def test_bench_distill_generate_train_evaluate_and_resume(capsys, tmp_path, evaluation_threads):
     traffic, saved = str(tmp_path / "traffic"), tmp_path / "drafter"
     # each conversation's first two user turns, each with its history, are answered
     expected = sum(len(user_turn_prompts(c, 2)) for c in sharegpt_split("train", 12, 0))
@@ -41,6 +60,12 @@ def test_bench_distill_generate_train_evaluate_and_resume(capsys, tmp_path):
     assert first["draft_vocab_size"] == 64 and (saved / "config.json").exists()
     assert 0.0 <= first["token_acceptance_after"] <= 1.0 and first["autoregressive_tok_s"] > 0
     assert first["verify_cost_ratio"] > 0 and first["predicted_speedup_measured_v"] > 0
+    # issue 18: every arm at the same threads, warmed alike; c and v measured at the evaluation's batch
+    assert evaluation_threads == [1, 1] and first["torch_threads"] == {"before": 1, "after": 1}
+    assert set(first["warmup"]) == {"before", "after", "autoregressive"}
+    assert first["cost_batch_size"] == 3 and first["cost_ratio"] > 0 and first["drafter_step_ms"] > 0
+    assert first["measures"]["tok_s"].startswith("end to end")
+    assert first["measures"]["predicted_speedup"].startswith("decode phase")
 
     # the same traffic, the saved drafter as the start, a budget already spent: no step, nothing lost
     second = _run(capsys, "--traffic-uri", traffic, "--reuse-traffic", "--init-drafter", str(saved),
@@ -55,6 +80,7 @@ def test_bench_distill_generate_train_evaluate_and_resume(capsys, tmp_path):
     assert "engine_options" not in first and second["engine_options"] == {"prompt_lookup_min": 1,
                                                                           "prompt_lookup_max": 3}
     assert 0.0 <= second["token_acceptance_after_with_options"] <= 1.0 and second["speedup_after_with_options"] > 0
+    assert set(second["warmup"]) == {"before", "after", "autoregressive", "after_with_options"}
     assert second["mean_accepted_length_after_with_options"] >= 1.0
 
 

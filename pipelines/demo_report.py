@@ -1,0 +1,85 @@
+"""The demo's figures: the measured arms' summary in its JSON, and its run in the `draftsmith-demo` MLflow experiment.
+
+What it does: `phase_figures` turns the per-phase pooled figures (draftsmith.timeline.phase_summary) into the
+JSON fields the demo prints (token acceptance, tok/s and speedups of the arms, how each arm was warmed up),
+`log_demo_run` writes them, the per-window figures and the demo's files to one MLflow run.
+
+What it does not do: send requests or measure anything (pipelines/demo.py runs the loop, pipelines/replay.py
+sends the requests, draftsmith.timeline pools them).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipelines.demo import DemoConfig
+
+DEMO_EXPERIMENT = "draftsmith-demo"
+
+
+def warmup_description(cfg: DemoConfig, warmup_prompts: int, phase: str, gamma: int | str) -> str:
+    """How a measured arm was warmed up, for the JSON (every arm is warmed alike)."""
+    if not warmup_prompts:
+        return "none"
+    return (f"{warmup_prompts} held-out requests not in the measured set, {cfg.concurrency} clients, max_tokens "
+            f"{cfg.max_tokens}, num_speculative_tokens {gamma}, not logged, not measured, just before '{phase}'")
+
+
+def phase_figures(cfg: DemoConfig, phases: dict, warmup_prompts: int, failed: int) -> dict:
+    """The JSON's figures of the measured arms (`phases`: timeline.phase_summary by phase name). Every tok/s is
+    end to end over HTTP: output tokens from the phase's first send to its last completion (prefill, queueing
+    and the network included). A run with a failed request (`failed`, warm-ups included) reports no speedup."""
+    before, after, reference = phases["before"], phases["after"], phases.get("autoregressive")
+
+    def speedup(phase) -> float | None:
+        ok = reference is not None and reference.tok_s > 0 and not failed
+        return round(phase.tok_s / reference.tok_s, 3) if ok else None
+
+    arms = {"before": cfg.gamma, "after": cfg.gamma}
+    if reference is not None:
+        arms["autoregressive"] = 0
+    return {
+        "token_acceptance_before_swap": round(before.token_acceptance, 4),
+        "token_acceptance_after_swap": round(after.token_acceptance, 4),
+        "acceptance_rate_before_swap": round(before.acceptance_rate, 4),
+        "acceptance_rate_after_swap": round(after.acceptance_rate, 4),
+        "mean_accepted_length_before_swap": round(before.mean_accepted_length, 3),
+        "mean_accepted_length_after_swap": round(after.mean_accepted_length, 3),
+        "tok_s_before_swap": round(before.tok_s, 2), "tok_s_after_swap": round(after.tok_s, 2),
+        "tok_s_autoregressive": None if reference is None else round(reference.tok_s, 2),
+        "speedup_before_swap": speedup(before), "speedup_after_swap": speedup(after),
+        "tok_s_measure": "end to end over HTTP: output tokens / seconds from a phase's first send to its last "
+                         "completion (prefill included)",
+        "concurrency": cfg.concurrency, "num_speculative_tokens": cfg.gamma, "drafter": cfg.drafter,
+        "engine": cfg.engine,
+        "warmup": {arm: warmup_description(cfg, warmup_prompts, arm, gamma) for arm, gamma in arms.items()},
+    }
+
+
+def log_demo_run(mlflow_url: str, cfg: DemoConfig, groups, summary: dict, files: list[Path]) -> str:
+    """One run in the `draftsmith-demo` experiment: params, figures per window (step = requests served), files."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+    client = MlflowClient(tracking_uri=mlflow_url)
+    experiment = client.get_experiment_by_name(DEMO_EXPERIMENT)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(DEMO_EXPERIMENT)
+    run = client.create_run(experiment_id, run_name=f"demo-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}")
+    now = int(time.time() * 1000)
+    metrics = []
+    for g in groups:
+        for key in ("token_acceptance", "acceptance_rate", "mean_accepted_length", "tok_s"):
+            metrics.append(Metric(f"served_{key}", float(g.as_dict()[key]), now, g.requests_served))
+    metrics += [Metric(k, float(v), now, 0) for k, v in summary.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    params = [Param(k, str(v)) for k, v in cfg.model_dump().items()]
+    for start in range(0, len(metrics), 900):  # MLflow's log_batch takes at most 1000 metrics
+        client.log_batch(run.info.run_id, metrics=metrics[start:start + 900], params=params if start == 0 else [])
+    for path in files:
+        client.log_artifact(run.info.run_id, str(path))
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
