@@ -276,6 +276,7 @@ def run_distill(cfg: DistillJobConfig, *, load_probe: Callable[[], float] | None
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     metrics.update(train_seconds=train_seconds, records=data.stats["records"],
                    train_records=data.stats["train_records"], heldout_records=data.stats["heldout_records"],
+                   heldout_excluded=data.stats["heldout_excluded"],
                    train_output_tokens=data.stats["train_output_tokens"])
     version = None
     if run_logger:

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
+from draftsmith.engine_config import EngineConfig
 from draftsmith.models import Drafter, LoadedModel
-from draftsmith.traffic import TrafficRecord, TrafficWriter
+from draftsmith.traffic import TrafficRecord, TrafficWriter, drop_text
 
 logger = logging.getLogger(__name__)
 
@@ -171,44 +172,44 @@ def _prompt_ids(target: LoadedModel, prompt, max_prompt_tokens: int) -> list[int
     return [int(t) for t in prompt][-max_prompt_tokens:]
 
 
-def generate_records(target: LoadedModel, drafter: Drafter | None, prompts: Sequence, *, max_tokens: int = 64,
-                     num_speculative_tokens: int = 4, temperature: float = 0.0, seed: int = 0, topk: int = 8,
-                     max_prompt_tokens: int = 384, batch_size: int = 8, drafter_version: str | None = None,
+def generate_records(target: LoadedModel, drafter: Drafter | None, prompts: Sequence, *,
+                     engine: EngineConfig = EngineConfig(), max_tokens: int = 64, temperature: float = 0.0,
+                     max_prompt_tokens: int = 384, drafter_version: str | None = None,
                      keep_text: bool = False) -> list[TrafficRecord]:
-    """Run the engine on prompts (strings, message lists or token ids) and return served-style records."""
+    """Run the engine on prompts (strings, message lists or token ids) and return served-style records.
+
+    `engine` is the engine configuration (gamma or `auto`, batch size, top-k logged, seed, prompt lookup),
+    as Serve's `engine:` section; only the context length grows when the prompts need it. Records are made
+    by Serve's own `record_from_result`, so they say what the engine really did, as served records do.
+    """
     from draftsmith.sampling import SamplingParams
-    from draftsmith.specdec import EngineConfig, Request, SpecEngine, runner_for
+    from draftsmith.specdec import Request, SpecEngine, runner_for
+    from serve.logger import record_from_result
 
     ids = [_prompt_ids(target, p, max_prompt_tokens) for p in prompts]
     ids = [p for p in ids if p]
     if not ids:
         return []
-    gamma = num_speculative_tokens if drafter is not None else 0
     version = drafter_version if drafter_version is not None else (drafter.version if drafter else "")
-    longest = max(len(p) for p in ids)
-    config = EngineConfig(num_speculative_tokens=gamma, max_batch_size=batch_size,
-                          max_model_len=longest + max_tokens + gamma + 1, topk_logprobs=topk, seed=seed)
+    gamma = engine.num_speculative_tokens
+    headroom = gamma if isinstance(gamma, int) else getattr(engine, "auto_max_speculative_tokens", 32)
+    config = engine.model_copy(update={"max_model_len": max(engine.max_model_len,
+                                                            max(len(p) for p in ids) + max_tokens + headroom + 1)})
     tok = target.tokenizer
-    engine = SpecEngine(runner_for(target.model), None if drafter is None else runner_for(None, drafter),
-                        config=config, eos_token_ids=target.eos_token_ids, drafter_version=version,
-                        decode=lambda t: tok.decode(t, skip_special_tokens=True))
-    requests = [Request(f"gen-{seed}-{i}", p, SamplingParams(max_tokens=max_tokens, temperature=temperature,
-                                                             seed=None if temperature == 0 else seed + i))
+    spec = SpecEngine(runner_for(target.model, prepack=config.prepack_weights),
+                      None if drafter is None else runner_for(None, drafter, prepack=config.prepack_weights),
+                      config=config, eos_token_ids=target.eos_token_ids, drafter_version=version or "none",
+                      decode=lambda t: tok.decode(t, skip_special_tokens=True))
+    requests = [Request(f"gen-{config.seed}-{i}", p,
+                        SamplingParams(max_tokens=max_tokens, temperature=temperature,
+                                       seed=None if temperature == 0 else config.seed + i))
                 for i, p in enumerate(ids)]
     records = []
-    for request, result in zip(requests, engine.generate(requests)):
-        records.append(TrafficRecord(
-            request_id=result.request_id, created_at=dt.datetime.now(UTC), source="served",
-            target_id=target.model_id, target_revision=target.revision, tokenizer_hash=target.tokenizer_hash,
-            drafter_version=version, temperature=temperature, max_tokens=max_tokens,
-            seed=request.params.seed, num_speculative_tokens=gamma,
-            prompt_token_ids=list(result.prompt_token_ids), output_token_ids=list(result.output_token_ids),
-            target_topk_ids=result.topk_ids.tolist(), target_topk_logprobs=result.topk_logprobs.tolist(),
-            accept_mask=result.accept_mask.tolist(), drafted=result.stats.drafted,
-            accepted=result.stats.accepted, compared=result.stats.compared, finish_reason=result.finish_reason,
-            prompt_text=tok.decode(result.prompt_token_ids) if keep_text else None,
-            output_text=result.text if keep_text else None,
-        ))
+    for request, result in zip(requests, spec.generate(requests)):
+        record = record_from_result(result, target_id=target.model_id, target_revision=target.revision,
+                                    tokenizer_hash=target.tokenizer_hash, params=request.params,
+                                    prompt_text=tok.decode(result.prompt_token_ids) if keep_text else None)
+        records.append(record if keep_text else drop_text(record))
     return records
 
 

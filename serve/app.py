@@ -36,7 +36,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from draftsmith.models import DERIVATION_PREFIXES
-from serve.config import ServeAppConfig, parse_app_args
+from serve.config import ServeAppConfig, parse_app_args, speculation_arg
 from serve.logger import TrafficLogger, logging_opted_out
 from serve.protocol import (
     SSE_DONE,
@@ -214,8 +214,10 @@ class Ingress:
             raise ProtocolError(422, f"draftsmith.num_speculative_tokens must be <= "
                                      f"{info['max_num_speculative_tokens']}.", param="draftsmith.num_speculative_tokens")
         if max_tokens is None:
-            gamma = info["num_speculative_tokens"]
-            max_tokens = max(1, min(info["default_max_tokens"], context - len(ids) - gamma - 1))
+            # Leave the context the engine may keep for drafts (the replica's gamma may be "auto": then the
+            # most the policy drafts), or the request's own larger gamma.
+            headroom = max(info["max_speculative_tokens"], options.num_speculative_tokens or 0)
+            max_tokens = max(1, min(info["default_max_tokens"], context - len(ids) - headroom - 1))
         return GenerateRequest(
             request_id=uuid.uuid4().hex, prompt_token_ids=ids, prompt_text=prompt_text, max_tokens=max_tokens,
             temperature=body.temperature, top_p=body.top_p, stop=tuple(body.stop_list()), seed=body.seed,
@@ -309,7 +311,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--drafter", help="drafter source: dir, derived:<layers>, models:/<name>@champion, none")
     p.add_argument("--mlflow-tracking-uri")
     p.add_argument("--traffic-uri", help="traffic log root (path or URI)")
-    p.add_argument("--num-speculative-tokens", type=int)
+    p.add_argument("--num-speculative-tokens", type=speculation_arg, metavar="auto|N",
+                   help="tokens drafted per step, or auto: the speculation policy decides every step")
     p.add_argument("--max-batch-size", type=int)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config field, dotted (engine.max_model_len=1024); repeatable")

@@ -14,6 +14,7 @@ override the file's values.
 
 from __future__ import annotations
 
+import argparse
 import os
 import types
 import typing
@@ -209,6 +210,16 @@ class ServeAppConfig(BaseModel):
         else:
             options["num_replicas"] = a.num_replicas
         return options
+
+
+def speculation_arg(text: str) -> int | str:
+    """A command line's speculation length, `auto` or a number of tokens, checked by EngineConfig's own rule
+    (argparse `type=`)."""
+    try:
+        return EngineConfig(num_speculative_tokens=text.strip()).num_speculative_tokens
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} must be `auto` or a number of tokens that "
+                                         "EngineConfig.num_speculative_tokens allows") from None
 
 
 def _nest(flat: dict[str, Any]) -> dict[str, Any]:

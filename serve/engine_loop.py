@@ -9,6 +9,7 @@ the drafter between steps); each request's outputs go to its sink, a callable th
 - a step that raises fails the requests of that batch, and the loop serves the next ones;
 - a sink that raises (its event loop closed, its consumer gone) fails only its own request: the
   request is aborted in the engine, counted in `sink_failures`, and the others keep being served.
+`policy` holds the speculation policy's latest snapshot, taken on the engine thread when a request finishes.
 
 What it does not do: asyncio, HTTP, metrics or traffic records (spec_pair.py), decoding (draftsmith.specdec).
 """
@@ -16,13 +17,12 @@ What it does not do: asyncio, HTTP, metrics or traffic records (spec_pair.py), d
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import logging
 import queue
 import threading
 from typing import Any, Callable
 
-from draftsmith.specdec import Request, SpecEngine, StepOutput
+from draftsmith.specdec import ContextLengthError, Request, SpecEngine, StepOutput
 from serve.pair_protocol import ErrorCode, ReplicaError
 
 logger = logging.getLogger(__name__)
@@ -30,16 +30,10 @@ logger = logging.getLogger(__name__)
 Sink = Callable[[Any], None]  # receives StepOutputs, or one ReplicaError that ends the request
 
 
-def rejection(engine: SpecEngine, request: Request, error: ValueError) -> ReplicaError:
-    """The engine's refusal of `request` as a code: when the same request asking for one output token would
-    fit, max_tokens is what exceeds the context; otherwise the request is invalid in itself."""
-    shortest = dataclasses.replace(request, params=dataclasses.replace(request.params, max_tokens=1),
-                                   num_speculative_tokens=0)
-    try:
-        engine.validate(shortest)
-    except ValueError:
-        return ReplicaError(ErrorCode.INVALID_REQUEST, str(error))
-    return ReplicaError(ErrorCode.CONTEXT_LENGTH_EXCEEDED, str(error))
+def rejection(error: ValueError) -> ReplicaError:
+    """The engine's refusal as a code, by the error's type (specdec's typed refusals)."""
+    code = ErrorCode.CONTEXT_LENGTH_EXCEEDED if isinstance(error, ContextLengthError) else ErrorCode.INVALID_REQUEST
+    return ReplicaError(code, str(error))
 
 
 class EngineLoop:
@@ -54,6 +48,9 @@ class EngineLoop:
         self.steps = 0
         self.sink_failures = 0
         self.error: BaseException | None = None
+        # The speculation policy's last snapshot (SpecEngine.policy_snapshot: None unless `auto`), taken on this
+        # thread whenever a request finishes: other threads read this dict, never the engine's live state.
+        self.policy: dict | None = None
         self.thread = threading.Thread(target=self._run, name="spec-engine", daemon=True)
 
     def start(self) -> None:
@@ -103,6 +100,12 @@ class EngineLoop:
             self._sinks.pop(request_id, None)
             self.engine.abort(request_id)
 
+    def _snapshot_policy(self) -> None:
+        try:
+            self.policy = self.engine.policy_snapshot()
+        except Exception:  # noqa: BLE001  a figure for the metrics must not stop the engine thread
+            logger.exception("the speculation policy's snapshot failed")
+
     def _drain(self) -> None:
         while True:
             try:
@@ -115,7 +118,7 @@ class EngineLoop:
                 try:
                     self.engine.add_request(request)
                 except ValueError as error:  # the engine refused it: it fails alone
-                    self._deliver(request.request_id, sink, rejection(self.engine, request, error))
+                    self._deliver(request.request_id, sink, rejection(error))
                 except Exception as error:  # noqa: BLE001
                     self._deliver(request.request_id, sink,
                                   ReplicaError(ErrorCode.ENGINE_ERROR, f"engine error: {error}"))
@@ -147,6 +150,8 @@ class EngineLoop:
                 self._sinks.clear()
                 continue
             self.steps += 1
+            if any(out.finished for out in outputs):
+                self._snapshot_policy()
             for out in outputs:
                 sink = self._sinks.pop(out.request_id, None) if out.finished else self._sinks.get(out.request_id)
                 if sink is not None:

@@ -46,10 +46,17 @@ def logging_opted_out(headers: Mapping[str, str], log_field: bool | None) -> boo
     return value is not None and value.strip().lower() in _TRUE
 
 
+def longest_draft(stats) -> int:
+    """The longest draft verified for a request (0: it never speculated), from its RequestStats."""
+    return max((length for length, n in stats.draft_length_counts.items() if n), default=0)
+
+
 def record_from_result(result, *, target_id: str, target_revision: str, tokenizer_hash: str,
-                       params, num_speculative_tokens: int, prompt_text: str | None = None,
-                       user: str | None = None, created_at: dt.datetime | None = None) -> TrafficRecord:
-    """One TrafficRecord from a specdec.GenerationResult and the request's sampling params."""
+                       params, prompt_text: str | None = None, user: str | None = None,
+                       created_at: dt.datetime | None = None) -> TrafficRecord:
+    """One TrafficRecord from a specdec.GenerationResult and the request's sampling params. Its
+    num_speculative_tokens is the longest draft actually verified (drafter or lookup), never a configured
+    gamma: a batch run autoregressively logs 0."""
     drafter_version = result.drafter_version if result.drafter_version not in (None, "none") else ""
     return TrafficRecord(
         request_id=result.request_id,
@@ -64,7 +71,7 @@ def record_from_result(result, *, target_id: str, target_revision: str, tokenize
         top_k=int(params.top_k),
         max_tokens=int(params.max_tokens),
         seed=params.seed,
-        num_speculative_tokens=int(num_speculative_tokens) if drafter_version else 0,
+        num_speculative_tokens=longest_draft(result.stats),
         prompt_token_ids=[int(t) for t in result.prompt_token_ids],
         output_token_ids=[int(t) for t in result.output_token_ids],
         target_topk_ids=result.topk_ids.tolist(),  # [n_out][k]
@@ -73,6 +80,11 @@ def record_from_result(result, *, target_id: str, target_revision: str, tokenize
         drafted=int(result.stats.drafted),
         accepted=int(result.stats.accepted),
         compared=int(result.stats.compared),
+        verify_steps=int(result.stats.steps),
+        policy_off_steps=int(result.stats.policy_off_steps),
+        proposer=result.stats.proposer,
+        lookup_drafted=int(result.stats.lookup_drafted),
+        lookup_accepted=int(result.stats.lookup_accepted),
         finish_reason=result.finish_reason,
         prompt_text=prompt_text,
         output_text=result.text,

@@ -2,7 +2,8 @@
 
 What it does: `GenerateRequest` is one validated, tokenized request as the ingress hands it to a replica
 (and `engine_request()` turns it into the engine's `Request`); a replica answers with `Chunk`s (text
-deltas, the last one carrying `Finish`: finish reason, usage and the `draftsmith` figures) or with a
+deltas, the last one carrying `Finish`: finish reason, usage and the `draftsmith` figures, built by
+`speculation_figures` from what the engine really did) or with a
 chunk holding a `ReplicaError`, whose `ErrorCode` says what went wrong. The replica decides the code
 where it catches the failure; the ingress maps codes to HTTP statuses and OpenAI error bodies
 (`http_error`), and never reads an error's message to decide anything.
@@ -18,6 +19,7 @@ from typing import Any
 
 from draftsmith.sampling import SamplingParams
 from draftsmith.specdec import Request
+from serve.logger import longest_draft
 from serve.protocol import ProtocolError
 
 
@@ -68,11 +70,41 @@ class GenerateRequest:
     speculative: bool = True  # False: autoregressive decoding for this request
     log: bool = True  # False: not written to the traffic log
 
+    def speculation(self, engine_gamma: int | str) -> str:
+        """How this request's draft lengths are decided: "auto" (the engine's policy, every step), "fixed"
+        (its own or the engine's number) or "off" (`speculative: false`, or a gamma of 0)."""
+        gamma = 0 if not self.speculative else self.num_speculative_tokens
+        gamma = engine_gamma if gamma is None else gamma
+        return "auto" if gamma == "auto" else "fixed" if gamma else "off"
+
     def engine_request(self) -> Request:
         gamma = 0 if not self.speculative else self.num_speculative_tokens
         params = SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
                                 stop=tuple(self.stop), seed=self.seed)
         return Request(self.request_id, list(self.prompt_token_ids), params, num_speculative_tokens=gamma)
+
+
+def speculation_figures(stats, drafter_version: str, speculation: str) -> dict[str, Any]:
+    """The response's `draftsmith` object: what was really done for one request (`stats`, the engine's
+    RequestStats), not what was configured. num_speculative_tokens is the longest draft verified; proposer
+    says which proposers drafted ("drafter", "lookup", "drafter+lookup" or "none"); policy_off_steps counts
+    the steps in which the `auto` policy drafted nothing for it."""
+    counts = {length: n for length, n in sorted(stats.draft_length_counts.items()) if n}
+    return {
+        "drafter_version": drafter_version if drafter_version != "none" else None,
+        "speculation": speculation, "proposer": stats.proposer,
+        "num_speculative_tokens": longest_draft(stats),
+        "mean_drafted_per_step": round(stats.mean_drafted_per_step, 4),
+        "draft_length_counts": {str(length): n for length, n in counts.items()},
+        "steps": stats.steps, "speculative_steps": stats.speculative_steps,
+        "policy_off_steps": stats.policy_off_steps, "policy_switched_off": stats.policy_off_steps > 0,
+        "drafted": stats.drafted, "accepted": stats.accepted, "compared": stats.compared,
+        "lookup_drafted": stats.lookup_drafted, "lookup_accepted": stats.lookup_accepted,
+        "emitted_in_steps": stats.emitted_in_steps,
+        "position_tried": list(stats.position_tried), "position_accepted": list(stats.position_accepted),
+        "acceptance_rate": stats.acceptance_rate, "token_acceptance": stats.token_acceptance,
+        "mean_accepted_length": stats.mean_accepted_length,
+    }
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,9 +7,11 @@ body can be wrong (invalid UTF-8, malformed JSON, missing or wrongly typed field
 chat responses and stream chunks, including the `draftsmith` extension object.
 
 The `draftsmith` request extension: `{"num_speculative_tokens": int >= 0, "speculative": bool,
-"log": bool}` controls speculation and logging for one request; the response's `draftsmith` object
-reports that request's drafter_version, drafted, accepted, acceptance_rate, token_acceptance and
-mean_accepted_length.
+"log": bool}` controls speculation and logging for one request (an explicit length is honoured also when
+the replica's speculation is `auto`); the response's `draftsmith` object reports what was really done for
+that request (pair_protocol.speculation_figures: drafter_version, how its lengths were decided, which
+proposer drafted, the longest draft, drafted tokens per step, the steps the policy switched off, acceptance
+overall and per draft position).
 
 What it does not do: HTTP serving, tokenization, generation (app.py, spec_pair.py), the messages between
 ingress and replica (pair_protocol.py).

@@ -7,7 +7,9 @@ records to the logger). Its own work is the request path: a `GenerateRequest` (p
 submitted to the engine thread, whose outputs come back through an asyncio queue fed with
 `loop.call_soon_threadsafe`; new requests join the running batch between steps. Steps the consumer has
 not taken yet are coalesced into one `Chunk`; the last chunk carries the finish reason, usage and
-acceptance figures, or a `ReplicaError` with its code. A finished request is recorded in the metrics and
+what speculation really did for the request (`speculation_figures`: drafted per step, proposer, the longest
+draft, the steps the policy switched off), or a `ReplicaError` with its code. A finished request is recorded
+in the metrics (per draft position and draft length, and the policy's predicted and measured speedup) and
 becomes a TrafficRecord for the sender; with `confirm_before_response` its final chunk waits until the
 logger has received it.
 
@@ -35,7 +37,7 @@ from serve.drafter_watcher import DrafterWatcher
 from serve.engine_loop import EngineLoop
 from serve.logger import record_from_result
 from serve.metrics import ReplicaMetrics
-from serve.pair_protocol import Chunk, ErrorCode, Finish, GenerateRequest, ReplicaError
+from serve.pair_protocol import Chunk, ErrorCode, Finish, GenerateRequest, ReplicaError, speculation_figures
 from serve.traffic_sender import TrafficSender
 
 logger = logging.getLogger(__name__)
@@ -141,33 +143,23 @@ class SpecPairImpl:
     def _finish(self, request: GenerateRequest, engine_request: Request, out: StepOutput, submitted: float,
                 first_token_at: float | None) -> Finish:
         result = out.result
-        stats = result.stats
-        version = result.drafter_version
         n_out = len(result.output_token_ids)
         self.counts["requests"] += 1
         self._record_metrics(result, submitted, first_token_at)
-        gamma = engine_request.num_speculative_tokens
-        gamma = self.cfg.engine.num_speculative_tokens if gamma is None else gamma
         if self.traffic.connected and self.cfg.traffic.enabled:
             if request.log:
                 self.traffic.enqueue(self._redact(record_from_result(
                     result, target_id=self.target.model_id, target_revision=self.target.revision,
                     tokenizer_hash=self.target.tokenizer_hash, params=engine_request.params,
-                    num_speculative_tokens=gamma, prompt_text=request.prompt_text, user=request.user)))
+                    prompt_text=request.prompt_text, user=request.user)))
             else:
                 self.counts["opted_out"] += 1
         return Finish(
             finish_reason=result.finish_reason,
             usage={"prompt_tokens": len(result.prompt_token_ids), "completion_tokens": n_out,
                    "total_tokens": len(result.prompt_token_ids) + n_out},
-            draftsmith={
-                "drafter_version": version if version != "none" else None,
-                "num_speculative_tokens": gamma if version != "none" else 0,
-                "drafted": stats.drafted, "accepted": stats.accepted, "compared": stats.compared,
-                "steps": stats.steps, "emitted_in_steps": stats.emitted_in_steps,
-                "acceptance_rate": stats.acceptance_rate, "token_acceptance": stats.token_acceptance,
-                "mean_accepted_length": stats.mean_accepted_length,
-            },
+            draftsmith=speculation_figures(result.stats, result.drafter_version,
+                                           request.speculation(self.cfg.engine.num_speculative_tokens)),
         )
 
     def _record_metrics(self, result, submitted: float, first_token_at: float | None) -> None:
@@ -178,6 +170,8 @@ class SpecPairImpl:
             m.inc(m.requests, 1, {**tags, "finish_reason": result.finish_reason})
             for counter, value in ((m.output_tokens, n_out), (m.drafted, stats.drafted), (m.accepted, stats.accepted)):
                 m.inc(counter, value, tags)
+            m.record_speculation(stats, tags)
+            m.record_policy(self.loop.policy, tags)
             if first_token_at is not None:
                 m.ttft.observe(first_token_at - submitted, tags=tags)
                 if n_out > 1:
@@ -195,6 +189,7 @@ class SpecPairImpl:
         return {"model_name": self.cfg.model_name, "target_id": self.target.model_id,
                 "target_revision": self.target.revision, "tokenizer_hash": self.target.tokenizer_hash,
                 "max_model_len": self.loop.engine.max_len, "num_speculative_tokens": e.num_speculative_tokens,
+                "max_speculative_tokens": e.max_speculative_tokens,
                 "max_num_speculative_tokens": e.max_num_speculative_tokens,
                 "default_max_tokens": e.default_max_tokens, "drafter_version": self.drafter_version}
 
@@ -206,7 +201,7 @@ class SpecPairImpl:
             replica = None
         return {**self.info(), "replica": replica, "drafter_source": self.drafters.spec,
                 "refused": dict(self.refused), "swaps": self.swaps, "engine_alive": self.loop.alive,
-                "steps": self.loop.steps, "sink_failures": self.loop.sink_failures,
+                "steps": self.loop.steps, "sink_failures": self.loop.sink_failures, "policy": self.loop.policy,
                 "active": len(engine.active), "waiting": len(engine.waiting), **self.traffic.status(), **self.counts}
 
     def check_health(self) -> None:

@@ -1,13 +1,18 @@
-"""Traffic log -> distillation dataset, the held-out split, and the padded batches training reads.
+"""Traffic log -> distillation dataset, THE held-out split, and the padded batches training reads.
 
 What it does: selects the records of one target (id, revision, tokenizer fingerprint) in a time window
 through `draftsmith.traffic.scan_traffic` (unreadable files are skipped and listed), drops records with
 no output, deduplicates identical (prompt ids, output ids) pairs keeping the earliest, sorts by time and
-holds out the most recent `heldout_fraction` (`heldout_count`, THE held-out rule: the distillation job
-trains on the rest and the evaluation job measures on exactly this slice, so a challenger is never
-evaluated on prompts it was trained on). Returns both parts as `datasets.Dataset`s over the Arrow table
-with the columns training needs, plus stats. `heldout_prompts` turns the held-out part into distinct
-prompts, newest first; `collate` turns records or dataset rows into one right-padded `DistillBatch`.
+splits with `split_at` (THE held-out rule, used by the distillation job, the evaluation job and the
+benchmarks alike): records before a time `heldout_since` train, records at or after it are held out,
+except those whose prompt was seen in training (the same prompt ids, or a later turn whose prompt
+starts with a training prompt: its context holds that prompt and usually its answer). The job picks
+`heldout_since` so that about `heldout_fraction` of the records are held out (`heldout_count`) and
+records it on the challenger; evaluation passes that time back, so a challenger is measured on exactly
+its own held-out window and never on a prompt it was trained on. Returns both parts as
+`datasets.Dataset`s over the Arrow table with the columns training needs, plus stats. `heldout_prompts`
+turns the held-out part into distinct prompts, newest first; `collate` turns records or dataset rows
+into one right-padded `DistillBatch`.
 
 What it does not do: train or evaluate, tokenize text, or touch Ray (the job ships the train part to its
 workers with `save_to_disk`). ShareGPT's fixed train / held-out split of a static corpus (by conversation
@@ -63,6 +68,55 @@ def heldout_count(records: int, heldout_fraction: float) -> int:
     return min(math.ceil(records * heldout_fraction), records - 1)
 
 
+# Polynomial hashes of token-id prefixes (mod a Mersenne prime): a collision can only hold out fewer
+# records, never let a training prompt through.
+_HASH_MOD = (1 << 61) - 1
+_HASH_BASE = 1_000_003
+
+
+def _prefix_hashes(ids) -> list[tuple[int, int]]:
+    """(length, hash) of every non-empty prefix of `ids`, the whole sequence last."""
+    h, out = 0, []
+    for n, token in enumerate(ids, 1):
+        h = (h * _HASH_BASE + int(token) + 1) % _HASH_MOD
+        out.append((n, h))
+    return out
+
+
+def split_at(table: pa.Table, heldout_since: dt.datetime | None) -> tuple[pa.Table, pa.Table, int]:
+    """THE held-out rule: (train, held out, excluded) of a table of traffic records.
+
+    Train: the records created before `heldout_since`. Held out: those created at or after it, less every
+    record whose prompt was seen in training: the same prompt ids (another answer to a training prompt),
+    or a prompt that starts with a training prompt (a later turn of a training conversation). `excluded`
+    counts those. `heldout_since=None` holds out nothing.
+    """
+    if heldout_since is None or table.num_rows == 0:
+        return table, table.slice(0, 0), 0
+    since = pa.scalar(heldout_since, type=table.schema.field("created_at").type)
+    later = pc.greater_equal(table["created_at"], since)
+    train, after = table.filter(pc.invert(later)), table.filter(later)
+    seen = {_prefix_hashes(p)[-1] for p in train["prompt_token_ids"].to_pylist() if p}
+    keep = [i for i, prompt in enumerate(after["prompt_token_ids"].to_pylist())
+            if not any(key in seen for key in _prefix_hashes(prompt))]
+    return train, after.take(pa.array(keep, type=pa.int64())), after.num_rows - len(keep)
+
+
+def heldout_start(created_at: pa.ChunkedArray, heldout_fraction: float) -> dt.datetime | None:
+    """The `heldout_since` that holds out about `heldout_fraction` of time-sorted records: the time of the
+    first of the last `heldout_count` records (records sharing that time are held out with it), moved to
+    the next later time when that would leave nothing to train on; None when nothing is held out."""
+    n_heldout = heldout_count(len(created_at), heldout_fraction)
+    if n_heldout == 0:
+        return None
+    times = created_at.to_pylist()
+    cut = times[len(times) - n_heldout]
+    if cut > times[0]:
+        return cut
+    later = [t for t in times if t > cut]
+    return later[0] if later else None
+
+
 def _dedupe_keys(table: pa.Table) -> list[bytes]:
     keys = []
     for prompt, output in zip(table["prompt_token_ids"].to_numpy(zero_copy_only=False),
@@ -98,10 +152,13 @@ def build_distill_dataset(
     until: dt.datetime | None = None,
     heldout_fraction: float = 0.1,
     sources: tuple[str, ...] | None = None,
+    heldout_since: dt.datetime | None = None,
 ) -> DistillData:
     """The train / held-out datasets of one target's traffic in [since, until), and their stats.
 
-    `sources` restricts to record sources ("served", "backfill"); None keeps both.
+    The split is `split_at(heldout_since)`; without `heldout_since` the time is chosen to hold out the
+    most recent `heldout_fraction` (`heldout_start`). `sources` restricts to record sources ("served",
+    "backfill"); None keeps both.
     """
     import datasets
 
@@ -125,9 +182,9 @@ def build_distill_dataset(
     duplicates = table.num_rows - len(keep)
     table = table.take(pa.array(keep, type=pa.int64())) if duplicates else table
     n = table.num_rows
-    n_heldout = heldout_count(n, heldout_fraction)
-    columns = table.select(list(TRAIN_COLUMNS))
-    train_table, heldout_table = columns.slice(0, n - n_heldout), columns.slice(n - n_heldout)
+    if heldout_since is None:
+        heldout_since = heldout_start(table["created_at"], heldout_fraction)
+    train_table, heldout_table, excluded = split_at(table.select(list(TRAIN_COLUMNS)), heldout_since)
     created = table["created_at"]
     stats = {
         "records_scanned": scanned,
@@ -145,7 +202,8 @@ def build_distill_dataset(
         "skipped_files": [{"path": p, "reason": r} for p, r in scan.skipped],
         "first_record_at": created[0].as_py().isoformat() if n else None,
         "last_record_at": created[n - 1].as_py().isoformat() if n else None,
-        "heldout_since": heldout_table["created_at"][0].as_py().isoformat() if heldout_table.num_rows else None,
+        "heldout_since": heldout_since.isoformat() if heldout_since is not None else None,
+        "heldout_excluded": excluded,  # held-out window records whose prompt was seen in training
         "since": since.isoformat() if since else None,
         "until": until.isoformat() if until else None,
     }
@@ -153,8 +211,9 @@ def build_distill_dataset(
         stats["empty_outputs"] = empty_outputs
     if scan.skipped:
         logger.warning("distill dataset: skipped %d unreadable traffic files", len(scan.skipped))
-    logger.info("distill dataset: %d records (%d duplicates dropped): %d train, %d held-out, %d output tokens",
-                n, duplicates, stats["train_records"], stats["heldout_records"], stats["output_tokens"])
+    logger.info("distill dataset: %d records (%d duplicates dropped): %d train, %d held-out (%d left out: prompt "
+                "seen in training), %d output tokens", n, duplicates, stats["train_records"],
+                stats["heldout_records"], excluded, stats["output_tokens"])
     return DistillData(train=datasets.Dataset(train_table.combine_chunks()),
                        heldout=datasets.Dataset(heldout_table.combine_chunks()), stats=stats)
 

@@ -29,7 +29,7 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     num_speculative_tokens: Annotated[int, Field(ge=0, le=32)] | Literal["auto"] = Field(
-        4, description="Tokens drafted per step (gamma) when a request does not ask for another "
+        "auto", description="Tokens drafted per step (gamma) when a request does not ask for another "
         "number; 0 = autoregressive decoding; auto = the speculation policy (policy.py) chooses, every step and "
         "per row, how many tokens to draft (0 included) and with which proposer, from a cost profile measured at "
         "start and live acceptance estimates.")

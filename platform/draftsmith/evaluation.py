@@ -1,13 +1,17 @@
 """Drafter evaluation: acceptance and speed of drafters on the same prompts, measured by the engine.
 
-What it does: decodes one list of prompts with the target and each drafter in a `SpecEngine` (same
-gamma, greedy and seeded sampling), sums the engine's per-request counters into acceptance rate,
-token acceptance and mean accepted length (docs/design.md, "Vocabulary"), times speculative decoding
-against plain autoregressive decoding of the same engine (gamma 0), and draws a comparison PNG.
-Also turns chat messages or the traffic log's most recent slice into prompt token ids.
+What it does: decodes one list of prompts with the target and each drafter in a `SpecEngine` built from
+the serving `EngineConfig` (the same speculation policy, gamma or `auto`, prompt lookup and batch size as
+Serve; evaluation overrides only the context length and turns the traffic top-k off), greedy and seeded
+sampling, sums the engine's per-request counters into acceptance rate, token acceptance and mean accepted
+length (docs/design.md, "Vocabulary"), times speculative decoding against plain autoregressive decoding of
+the same engine (gamma 0), and draws a comparison PNG. `measure_speed_paired` times two or more drafters
+per prompt, interleaved, for the promotion gate (draftsmith.gate). Also turns chat messages, or a
+challenger's held-out window of the traffic log, into prompt token ids.
 
 What it does not do: no Ray, no MLflow (jobs/evaluate logs the report through the registry), no
-promotion decision (`DrafterRegistry.promote_if_better`), no model loading (models.py).
+promotion decision (draftsmith.gate decides, `DrafterRegistry.apply_gate` records), no model loading
+(models.py).
 
 Rates are pooled over all requests (sum of accepted / sum of drafted, ...), not averages of
 per-request rates, so long answers weigh what they cost.
@@ -70,7 +74,7 @@ def temperature_label(temperature: float) -> str:
 class EvalReport:
     """Per drafter and temperature: speculative metrics; per temperature: autoregressive tok/s."""
 
-    gamma: int
+    gamma: int | str  # the engine's num_speculative_tokens ("auto": the policy chose per step)
     max_new_tokens: int
     num_prompts: int
     prompt_tokens: int
@@ -135,18 +139,50 @@ class EvalReport:
 
 
 def _requests(prompts: list[list[int]], temperature: float, max_new_tokens: int, seed: int,
-              gamma: int) -> list[Request]:
-    # Per-prompt seeds: every drafter sees the same target randomness for prompt i.
-    return [Request(f"eval-{i}", list(p), SamplingParams(max_tokens=max_new_tokens, temperature=temperature,
-                                                           seed=None if temperature == 0 else seed + i),
+              gamma: int | None = None, tag: str = "eval", indices: Sequence[int] | None = None) -> list[Request]:
+    # Per-prompt seeds: every drafter sees the same target randomness for prompt i (`indices`: the prompts'
+    # places in the whole list). gamma None: the engine's own setting (an integer or its policy).
+    indices = range(len(prompts)) if indices is None else indices
+    return [Request(f"{tag}-{i}", list(p), SamplingParams(max_tokens=max_new_tokens, temperature=temperature,
+                                                            seed=None if temperature == 0 else seed + i),
                     num_speculative_tokens=gamma)
-            for i, p in enumerate(prompts)]
+            for i, p in zip(indices, prompts)]
 
 
-def _decode(engine: SpecEngine, prompts, temperature, max_new_tokens, seed, gamma) -> DecodeMetrics:
+def _decode(engine: SpecEngine, prompts, temperature, max_new_tokens, seed, gamma=None) -> DecodeMetrics:
     start = time.perf_counter()
     results = engine.generate(_requests(prompts, temperature, max_new_tokens, seed, gamma))
     return DecodeMetrics.pooled(results, time.perf_counter() - start)
+
+
+def evaluation_engine_config(engine: EngineConfig, prompts: Sequence[Sequence[int]],
+                             max_new_tokens: int) -> EngineConfig:
+    """The serving config with what evaluation must change: a context that fits the longest prompt, the
+    output and the longest draft, and no traffic top-k (nothing is logged)."""
+    gamma = engine.num_speculative_tokens
+    headroom = gamma if isinstance(gamma, int) else getattr(engine, "auto_max_speculative_tokens", 32)
+    needed = max(len(p) for p in prompts) + max_new_tokens + headroom + 1
+    return engine.model_copy(update={"max_model_len": max(engine.max_model_len, needed), "topk_logprobs": 0})
+
+
+class _Engines:
+    """One engine per drafter over ONE target runner (one prepacked copy of the target), each warmed alike:
+    every temperature decodes the first prompt once before anything is timed."""
+
+    def __init__(self, target: LoadedModel, config: EngineConfig, *, warmup_prompt: list[int] | None,
+                 temperatures: Sequence[float], max_new_tokens: int):
+        self.target, self.config = target, config
+        self.target_runner = runner_for(target.model, prepack=config.prepack_weights)
+        self.warmup = [] if warmup_prompt is None else [(warmup_prompt, t) for t in temperatures]
+        self.max_new_tokens = max_new_tokens
+
+    def build(self, drafter: Drafter | None, version: str) -> SpecEngine:
+        drafter_runner = None if drafter is None else runner_for(None, drafter, prepack=self.config.prepack_weights)
+        engine = SpecEngine(self.target_runner, drafter_runner, config=self.config,
+                            eos_token_ids=self.target.eos_token_ids, drafter_version=version)
+        for prompt, t in self.warmup:  # the greedy and sampling paths warm up separately
+            engine.generate(_requests([prompt], t, min(8, self.max_new_tokens), self.config.seed, tag="warmup"))
+        return engine
 
 
 def evaluate_drafters(
@@ -154,63 +190,109 @@ def evaluate_drafters(
     drafters: dict[str, Drafter],
     prompts: list[list[int]],
     *,
-    gamma: int = 4,
+    engine: EngineConfig = EngineConfig(),
     max_new_tokens: int = 64,
     temperatures: Sequence[float] = (0.0, 1.0),
-    seed: int = 0,
-    batch_size: int = 8,
     measure_autoregressive: bool = True,
     warmup: bool = True,
-    engine_options: dict | None = None,
 ) -> EvalReport:
-    """Decode `prompts` with each drafter (same gamma, same seeds) and with none; pool the counters.
+    """Decode `prompts` with each drafter under the serving `engine` config and with none; pool the counters.
 
-    `engine_options` are further EngineConfig fields (prompt lookup) for the drafters' engines (the
-    autoregressive run never speculates); the gate passes none, so that it compares drafters alone.
+    Every drafter's engine uses `evaluation_engine_config(engine, ...)`: the serving speculation settings
+    (gamma or the `auto` policy, prompt lookup, batch size, seed), so what is measured is what Serve would
+    do. The autoregressive run is the same engine without a drafter at gamma 0.
 
-    Greedy results are deterministic; sampled ones use seed `seed + i` for prompt i, identical across
-    drafters, so differences come from the drafters (speculative sampling keeps the target's output
+    Greedy results are deterministic; sampled ones use seed `engine.seed + i` for prompt i, identical
+    across drafters, so differences come from the drafters (speculative sampling keeps the target's output
     distribution whatever the drafter). A short warm-up run per engine keeps one-off costs out of tok/s.
     """
     if not prompts:
         raise ValueError("evaluate_drafters needs at least one prompt")
-    if gamma < 1:
-        raise ValueError(f"gamma must be >= 1 to evaluate drafters, got {gamma}")
-    target_runner = runner_for(target.model)
-    longest = max(len(p) for p in prompts)
-    config = EngineConfig(num_speculative_tokens=gamma, max_batch_size=batch_size,
-                          max_model_len=longest + max_new_tokens + gamma + 1, topk_logprobs=0,
-                          seed=seed, **(engine_options or {}))
+    if engine.num_speculative_tokens == 0:
+        raise ValueError("num_speculative_tokens is 0: nothing to evaluate (use an integer >= 1 or auto)")
+    config = evaluation_engine_config(engine, prompts, max_new_tokens)
     temperatures = tuple(float(t) for t in temperatures)
-
-    def engine_for(drafter: Drafter | None, version: str) -> SpecEngine:
-        drafter_runner = None if drafter is None else runner_for(None, drafter)
-        engine = SpecEngine(target_runner, drafter_runner, config=config, eos_token_ids=target.eos_token_ids,
-                            drafter_version=version)
-        for t in temperatures if warmup else ():  # the greedy and sampling paths warm up separately
-            engine.generate(_requests(prompts[:1], t, min(8, max_new_tokens), seed, gamma))
-        return engine
-
+    engines = _Engines(target, config, warmup_prompt=prompts[0] if warmup else None, temperatures=temperatures,
+                       max_new_tokens=max_new_tokens)
     per_drafter: dict[str, dict[float, DecodeMetrics]] = {}
     for name, drafter in drafters.items():
-        engine = engine_for(drafter, name)
+        spec = engines.build(drafter, name)
         per_drafter[name] = {}
         for t in temperatures:
-            m = _decode(engine, prompts, t, max_new_tokens, seed, gamma)
+            m = _decode(spec, prompts, t, max_new_tokens, config.seed)
             per_drafter[name][t] = m
             logger.info("%s %s: acceptance_rate %.3f token_acceptance %.3f mean_len %.2f %.1f tok/s",
                         name, temperature_label(t), m.acceptance_rate, m.token_acceptance,
                         m.mean_accepted_length, m.tok_s)
-        del engine
+        del spec
     autoregressive: dict[float, DecodeMetrics] = {}
     if measure_autoregressive:
-        engine = engine_for(None, "none")
+        plain = engines.build(None, "none")
         for t in temperatures:
-            autoregressive[t] = _decode(engine, prompts, t, max_new_tokens, seed, 0)
+            autoregressive[t] = _decode(plain, prompts, t, max_new_tokens, config.seed, 0)
             logger.info("autoregressive %s: %.1f tok/s", temperature_label(t), autoregressive[t].tok_s)
-    return EvalReport(gamma=gamma, max_new_tokens=max_new_tokens, num_prompts=len(prompts),
+    return EvalReport(gamma=config.num_speculative_tokens, max_new_tokens=max_new_tokens, num_prompts=len(prompts),
                       prompt_tokens=sum(len(p) for p in prompts), temperatures=temperatures,
                       drafters=per_drafter, autoregressive=autoregressive)
+
+
+@dataclasses.dataclass
+class PairedSpeed:
+    """Per drafter: output tokens/s of every prompt (index i = prompt i for all) and the pooled counters."""
+
+    tok_s: dict[str, list[float]]
+    pooled: dict[str, DecodeMetrics]
+    concurrency: int
+    temperature: float
+
+
+def measure_speed_paired(target: LoadedModel, drafters: dict[str, Drafter], prompts: list[list[int]], *,
+                         engine: EngineConfig = EngineConfig(), max_new_tokens: int = 64, temperature: float = 0.0,
+                         concurrency: int = 1, clock=time.perf_counter) -> PairedSpeed:
+    """Time every drafter on every prompt under the serving `engine` config, interleaved, for a paired test.
+
+    Prompts go in groups of `concurrency` (1: each prompt alone, so prompts are independent units); each
+    group is decoded by every drafter in turn, the order rotating from group to group (A B, B A, ...), so
+    drift of the machine hits all drafters alike. A prompt's speed is its output tokens over the time from
+    its group's start to its own last token. Every engine is warmed the same way (the first group once,
+    untimed) before anything is timed.
+    """
+    if not prompts or not drafters:
+        raise ValueError("measure_speed_paired needs prompts and drafters")
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    config = evaluation_engine_config(engine, prompts, max_new_tokens)
+    config = config.model_copy(update={"max_batch_size": max(concurrency, 1)})
+    engines_for = _Engines(target, config, warmup_prompt=None, temperatures=(), max_new_tokens=max_new_tokens)
+    engines = {name: engines_for.build(drafter, name) for name, drafter in drafters.items()}
+    groups = [list(range(i, min(i + concurrency, len(prompts)))) for i in range(0, len(prompts), concurrency)]
+    for name, spec in engines.items():  # the same untimed warm-up for every drafter
+        spec.generate(_requests([prompts[i] for i in groups[0]], temperature, max_new_tokens, config.seed,
+                                tag="warmup"))
+    names = list(engines)
+    tok_s = {name: [0.0] * len(prompts) for name in names}
+    results: dict[str, list] = {name: [] for name in names}
+    seconds = dict.fromkeys(names, 0.0)
+    for g, group in enumerate(groups):
+        order = names[g % len(names):] + names[:g % len(names)]
+        for name in order:
+            spec = engines[name]
+            requests = _requests([prompts[i] for i in group], temperature, max_new_tokens, config.seed,
+                                 indices=group)
+            index = {r.request_id: i for r, i in zip(requests, group)}
+            for r in requests:
+                spec.add_request(r)
+            start = clock()
+            while spec.has_work():
+                for out in spec.step():
+                    if out.finished:
+                        elapsed = clock() - start
+                        n_out = len(out.result.output_token_ids)
+                        tok_s[name][index[out.request_id]] = n_out / elapsed if elapsed > 0 else 0.0
+                        results[name].append(out.result)
+            seconds[name] += clock() - start
+    pooled = {name: DecodeMetrics.pooled(results[name], seconds[name]) for name in names}
+    return PairedSpeed(tok_s=tok_s, pooled=pooled, concurrency=concurrency, temperature=temperature)
 
 
 # ---------------------------------------------------------------------------------------------- plot
@@ -228,7 +310,8 @@ def plot_comparison(report: EvalReport, path: str | Path, *, names: Sequence[str
     names = list(names or report.drafters)
     panels = [("acceptance_rate", "acceptance rate", (0, 1.15)),
               ("token_acceptance", "token acceptance (alpha)", (0, 1.15)),
-              ("mean_accepted_length", "mean accepted length", (0, report.gamma + 1.6)),
+              ("mean_accepted_length", "mean accepted length",
+               (0, report.gamma + 1.6) if isinstance(report.gamma, int) else None),
               ("tok_s", "speculative tok/s", None)]
     fig = Figure(figsize=(4 * len(panels), 3.6))
     width = 0.8 / max(1, len(names))
@@ -286,23 +369,27 @@ def heldout_prompts_from_traffic(
     *,
     n: int,
     max_prompt_tokens: int,
-    heldout_fraction: float = 0.1,
-    since: dt.datetime | None = None,
-    until: dt.datetime | None = None,
+    heldout_since: dt.datetime,
+    sources: tuple[str, ...] | None = None,
 ) -> list[list[int]]:
-    """Distinct prompts of the most recent `heldout_fraction` of the target's traffic (newest first).
+    """Distinct prompts of a challenger's held-out window of the target's traffic (newest first).
 
-    The held-out slice is the distillation dataset's (draftsmith.distill_data), so a challenger is never
-    evaluated on prompts it was trained on when both use the same fraction.
+    `heldout_since` is the time the distillation job recorded on the challenger: THE split
+    (draftsmith.distill_data.split_at) then keeps the records at or after it whose prompt no training
+    record had (nor began with). Every record before `heldout_since` counts as training, a superset of
+    any one job's window, so no prompt a challenger (or its ancestors) trained on reaches evaluation.
     """
     from draftsmith.distill_data import build_distill_dataset, heldout_prompts
 
     data = build_distill_dataset(traffic_uri, target_id=target.model_id, target_revision=target.revision,
-                                 tokenizer_hash=target.tokenizer_hash, since=since, until=until,
-                                 heldout_fraction=heldout_fraction)
+                                 tokenizer_hash=target.tokenizer_hash, heldout_since=heldout_since,
+                                 sources=sources)
     if len(data.heldout) == 0:
-        raise ValueError(f"no held-out traffic for target {target.model_id} ({target.revision}) under {traffic_uri}: "
-                         "serve or backfill some, or pass a `sharegpt` / `jsonl:PATH` prompt source")
+        raise ValueError(f"no held-out traffic for target {target.model_id} ({target.revision}) under "
+                         f"{traffic_uri} "
+                         f"at or after {heldout_since.isoformat()} that training did not see "
+                         f"({data.stats['heldout_excluded']} left out): serve some more, or pass a `sharegpt` / "
+                         "`jsonl:PATH` prompt source")
     return heldout_prompts(data.heldout, n=n, max_prompt_tokens=max_prompt_tokens)
 
 
@@ -312,5 +399,6 @@ def self_drafter(target: LoadedModel) -> Drafter:
                                   "target_revision": target.revision}, version="self")
 
 
-__all__ = ["DecodeMetrics", "EvalReport", "evaluate_drafters", "plot_comparison", "prompts_from_messages",
-           "heldout_prompts_from_traffic", "self_drafter", "temperature_label"]
+__all__ = ["DecodeMetrics", "EvalReport", "PairedSpeed", "evaluate_drafters", "evaluation_engine_config",
+           "heldout_prompts_from_traffic", "measure_speed_paired", "plot_comparison", "prompts_from_messages",
+           "self_drafter", "temperature_label"]

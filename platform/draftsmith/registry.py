@@ -2,7 +2,8 @@
 
 What it does: registers a drafter directory as a new version of one registered
 model (default ``draftsmith-drafter``), moves the ``champion`` / ``challenger``
-aliases (never the deprecated stages), decides promotions with a metric gate,
+aliases (never the deprecated stages), records the promotion gate's decision
+(``apply_gate``: the rule itself is ``draftsmith.gate``) and promotes on it,
 rolls back, lists, resolves ``models:/`` URIs and downloads a version as a plain
 HF directory. Every call goes through one explicit ``MlflowClient(tracking_uri,
 registry_uri)``; the global ``mlflow.set_tracking_uri`` state is never touched.
@@ -24,12 +25,12 @@ Downloads resolve the version's ``runs:/`` source ourselves and call
 "models:/...", registry_uri=...)`` ignores the registry_uri argument and looks the
 model up in the global default registry (``sqlite:///mlflow.db`` in the cwd).
 
-Metrics. The gate reads the version's RUN metrics (latest value per key): logged
-at registration, and re-logged with ``log_metrics`` when a job re-evaluates a
-version (e.g. the champion on the challenger's held-out window, so that the gate
-compares like with like). Version TAGS hold provenance (target_id, tokenizer_hash,
-traffic window, loss, parent_version, ...) and gate bookkeeping (``gate``,
-``gate_reason``, ``previous_champion``).
+Metrics and tags. A version's RUN metrics (latest value per key) are logged at
+registration and re-logged with ``log_metrics`` when a job re-evaluates it.
+Version TAGS hold provenance (target_id, tokenizer_hash, traffic window,
+``heldout_since``, loss, parent_version, ...) and the gate's record (``gate``,
+``gate_reason``, the test, its p-value and interval, the sample size, both speeds
+and acceptances: ``GateDecision.tags``) and ``previous_champion``.
 
 Secrets. Params and tags whose key names a secret (token, password, api key...) are stored as
 ``[redacted]`` (``redact_secrets``): a job config that carries a credential never leaks it to MLflow.
@@ -58,6 +59,8 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+
+from draftsmith.gate import GateDecision
 
 logger = logging.getLogger(__name__)
 
@@ -96,15 +99,6 @@ class DrafterVersion:
     @property
     def uri(self) -> str:
         return f"models:/{self.name}/{self.version}"
-
-
-@dataclass(frozen=True)
-class GateDecision:
-    promoted: bool
-    challenger_value: float | None
-    champion_value: float | None
-    margin: float
-    reason: str
 
 
 def _is_not_found(e: MlflowException) -> bool:
@@ -315,46 +309,46 @@ class DrafterRegistry:
         for k, v in tags.items():
             self.client.set_model_version_tag(self.model_name, version, k, v)
 
-    def promote(self, version: str | int, *, reason: str = "forced") -> DrafterVersion:
-        """Make ``version`` the champion, remembering the previous one for ``rollback``."""
+    def promote(self, version: str | int, *, reason: str = "forced", alias: str = CHAMPION) -> DrafterVersion:
+        """Make ``version`` the champion (``alias``), remembering the previous one for ``rollback``."""
         version = str(version)
         target = self.get_version(version)  # fails clearly on an unknown version
-        current = self.get_version_by_alias(CHAMPION)
+        current = self.get_version_by_alias(alias)
         if current is not None and current.version != version:
             self._tag(version, previous_champion=current.version)
         self._tag(version, gate="promoted", gate_reason=reason)
-        self.set_alias(version, CHAMPION)
+        self.set_alias(version, alias)
         if CHALLENGER in target.aliases:
             self.client.delete_registered_model_alias(self.model_name, CHALLENGER)
-        logger.info("%s version %s is champion (was %s): %s", self.model_name, version,
+        logger.info("%s version %s is %s (was %s): %s", self.model_name, version, alias,
                     current.version if current else None, reason)
         return self.get_version(version)
 
-    def promote_if_better(self, challenger_version: str | int, *, metric: str = DEFAULT_METRIC,
-                          margin: float) -> GateDecision:
-        """Promote when challenger >= champion + margin (or there is no champion); else tag gate=rejected."""
-        challenger = self.get_version(challenger_version)
-        champion = self.get_version_by_alias(CHAMPION)
-        c_val = challenger.metrics.get(metric)
-        p_val = champion.metrics.get(metric) if champion else None
-        if champion is not None and champion.version == challenger.version:
-            return GateDecision(False, c_val, p_val, margin, f"version {challenger.version} is already champion")
-        if c_val is None:
-            ok, reason = False, f"challenger v{challenger.version} has no metric {metric!r}"
-        elif champion is None:
-            ok, reason = True, f"no champion yet; {metric}={c_val:.4f}"
-        elif p_val is None:
-            ok, reason = False, f"champion v{champion.version} has no metric {metric!r}; use promote() to force"
+    def apply_gate(self, challenger_version: str | int, decision: GateDecision, *,
+                   alias: str = CHAMPION) -> GateDecision:
+        """Record the gate's decision on the challenger's tags and promote it to ``alias`` if it passed.
+
+        The decision compared against ``decision.champion_version`` (the alias read once, before
+        evaluating); if the alias has moved since, the comparison no longer holds and the challenger is
+        refused, never promoted over a champion it was not measured against.
+        """
+        version = str(challenger_version)
+        current = self.get_version_by_alias(alias)
+        current_version = current.version if current else None
+        if current_version == version:
+            decision = replace(decision, promoted=False,
+                                           reason=f"version {version} is already {alias}")
+        elif current_version != decision.champion_version:
+            decision = replace(decision, promoted=False, reason=(
+                f"refused: {alias} moved from v{decision.champion_version} to v{current_version} while the "
+                f"challenger was evaluated; evaluate again against the new {alias}"))
+        self._tag(version, **decision.tags())
+        if decision.promoted:
+            self.promote(version, reason=decision.reason, alias=alias)
         else:
-            ok = c_val >= p_val + margin
-            reason = (f"{metric}: challenger v{challenger.version} {c_val:.4f} "
-                      f"{'>=' if ok else '<'} champion v{champion.version} {p_val:.4f} + margin {margin:.4f}")
-        if ok:
-            self.promote(challenger.version, reason=reason)
-        else:
-            self._tag(challenger.version, gate="rejected", gate_reason=reason)
-            logger.info("gate refused %s version %s: %s", self.model_name, challenger.version, reason)
-        return GateDecision(ok, c_val, p_val, margin, reason)
+            self._tag(version, gate="rejected", gate_reason=decision.reason)
+            logger.info("gate refused %s version %s: %s", self.model_name, version, decision.reason)
+        return decision
 
     def rollback(self) -> DrafterVersion:
         """Move ``champion`` back to the version it replaced (tag ``previous_champion``)."""

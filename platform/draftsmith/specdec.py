@@ -81,7 +81,7 @@ class StepOutput:
     result: GenerationResult | None = None
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # identity: the step looks sequences up among hundreds of rows
 class _Sequence:
     request: Request
     gamma: int

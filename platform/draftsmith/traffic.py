@@ -10,7 +10,8 @@ date partitions live in `traffic_reader.py`; their names are importable from her
 
 What it does not do: no Ray (the Serve logger in `serve/` and the pipelines in
 `pipelines/` wrap this), no deduplication or train/held-out split (see
-`draftsmith.distill_data`), no schema migration beyond casting to `TRAFFIC_SCHEMA`.
+`draftsmith.distill_data`), no schema migration beyond casting to `TRAFFIC_SCHEMA` (nullable
+columns an older file lacks read as nulls).
 
 `uri` is anything `pyarrow.fs.FileSystem.from_uri` accepts: a local path,
 `file://`, `s3://`, `gs://`... or pass `filesystem=` explicitly.
@@ -67,6 +68,13 @@ TRAFFIC_SCHEMA = pa.schema(
         pa.field("prompt_text", pa.string(), nullable=True),
         pa.field("output_text", pa.string(), nullable=True),
         pa.field("user", pa.string(), nullable=True),
+        # What the engine really did for the request (the speculation policy may change it every step).
+        # Nullable and last: files written before these columns existed read with nulls here.
+        pa.field("verify_steps", pa.int32(), nullable=True),  # target verification steps (decode steps)
+        pa.field("policy_off_steps", pa.int32(), nullable=True),  # of those, steps drafting nothing for it
+        pa.field("proposer", pa.string(), nullable=True),  # who drafted: drafter | lookup | drafter+lookup | none
+        pa.field("lookup_drafted", pa.int32(), nullable=True),  # of `drafted`, tokens prompt lookup proposed
+        pa.field("lookup_accepted", pa.int32(), nullable=True),  # of `accepted`, tokens prompt lookup proposed
     ]
 )
 
@@ -80,6 +88,9 @@ class TrafficRecord:
 
     Per-position fields (`target_topk_ids`, `target_topk_logprobs`, `accept_mask`)
     have one entry per output token; `created_at` must be timezone-aware.
+    `num_speculative_tokens` is the speculation length of the request; `drafted`,
+    `verify_steps`, `policy_off_steps`, `proposer` and `lookup_*` say what was really
+    done (None: not recorded, e.g. a backfilled record or an older log).
     """
 
     request_id: str
@@ -107,6 +118,11 @@ class TrafficRecord:
     prompt_text: str | None = None
     output_text: str | None = None
     user: str | None = None
+    verify_steps: int | None = None
+    policy_off_steps: int | None = None
+    proposer: str | None = None
+    lookup_drafted: int | None = None
+    lookup_accepted: int | None = None
 
     def __post_init__(self) -> None:
         if self.created_at.tzinfo is None:

@@ -78,6 +78,15 @@ def _filter(table: pa.Table, since, until, equals: dict[str, str | None]) -> pa.
     return table.filter(mask)
 
 
+def _conform(table: pa.Table) -> pa.Table:
+    """A file's table in TRAFFIC_SCHEMA: nullable columns written before they existed are added as nulls
+    (a missing required column still fails the cast, and the file is skipped as foreign)."""
+    for f in TRAFFIC_SCHEMA:
+        if f.nullable and f.name not in table.column_names:
+            table = table.append_column(f.name, pa.nulls(table.num_rows, type=f.type))
+    return table.select(TRAFFIC_SCHEMA.names).cast(TRAFFIC_SCHEMA)
+
+
 def _iter_tables(uri, filesystem, since, until, equals, scan: TrafficScan) -> Iterator[pa.Table]:
     _check_aware("since", since)
     _check_aware("until", until)
@@ -93,7 +102,7 @@ def _iter_tables(uri, filesystem, since, until, equals, scan: TrafficScan) -> It
         try:
             with fs.open_input_file(path) as f:
                 table = pq.read_table(f)
-            table = table.select(TRAFFIC_SCHEMA.names).cast(TRAFFIC_SCHEMA)
+            table = _conform(table)
         except Exception as e:  # one bad file must never stop a read
             reason = f"{type(e).__name__}: {e}"
             logger.warning(

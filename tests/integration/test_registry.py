@@ -10,6 +10,7 @@ import transformers
 from mlflow import MlflowClient
 
 from draftsmith.mlflow_server import start_mlflow_server
+from draftsmith.gate import GateDecision
 from draftsmith.registry import DrafterRegistry, RegistryError, add_registry_cli
 
 pytestmark = pytest.mark.integration
@@ -48,25 +49,40 @@ def test_register_creates_tagged_version(registry, drafter_dir):
     assert listed[0].aliases == () and listed[1].aliases == ("challenger",)
 
 
+def _decision(promoted, champion_version, ratio=1.0):
+    return GateDecision(promoted, f"test: ratio {ratio}", confidence=0.95, p_value=0.01 if promoted else 0.4,
+                        prompts=24, speed_ratio=ratio, speed_ratio_interval=(ratio - 0.05, ratio + 0.05),
+                        challenger_tok_s=30.0 * ratio, champion_tok_s=30.0, challenger_token_acceptance=0.7,
+                        champion_token_acceptance=0.6, champion_version=champion_version)
+
+
 def test_gate_promotes_refuses_and_rolls_back(registry, drafter_dir):
     v1 = _register(registry, drafter_dir, 0.20)
-    d = registry.promote_if_better(v1.version, margin=0.01)
-    assert d.promoted and d.champion_value is None
+    d = registry.apply_gate(v1.version, GateDecision(True, "no champion yet"))
+    assert d.promoted
     assert registry.get_version_by_alias("champion").version == "1"
 
-    v2 = _register(registry, drafter_dir, 0.205)  # better, but not by the margin
-    d = registry.promote_if_better(v2.version, margin=0.01)
-    assert not d.promoted and d.challenger_value == pytest.approx(0.205) and d.champion_value == pytest.approx(0.2)
+    v2 = _register(registry, drafter_dir, 0.205)  # accepts more, serves no faster: refused, the test on its tags
+    d = registry.apply_gate(v2.version, _decision(False, "1", ratio=0.98))
+    assert not d.promoted
     v2 = registry.get_version(v2.version)
-    assert v2.tags["gate"] == "rejected" and "margin" in v2.tags["gate_reason"]
+    assert v2.tags["gate"] == "rejected" and v2.tags["gate_reason"] == "test: ratio 0.98"
+    assert v2.tags["gate_test"].startswith("wilcoxon") and v2.tags["gate_p_value"] == "0.4"
+    assert v2.tags["gate_prompts"] == "24" and v2.tags["gate_speed_ratio_interval"] == "[0.9300, 1.0300]"
+    assert {"gate_challenger_tok_s", "gate_champion_tok_s", "gate_challenger_token_acceptance",
+            "gate_champion_token_acceptance"} <= set(v2.tags)
     assert v2.aliases == ("challenger",)
     assert registry.get_version_by_alias("champion").version == "1"
 
     v3 = _register(registry, drafter_dir, 0.35)
-    d = registry.promote_if_better(v3.version, margin=0.01)
+    stale = registry.apply_gate(v3.version, _decision(True, "2", ratio=1.2))  # measured against v2, not v1
+    assert not stale.promoted and "moved" in stale.reason
+    assert registry.get_version_by_alias("champion").version == "1"
+    d = registry.apply_gate(v3.version, _decision(True, "1", ratio=1.2))
     assert d.promoted
     champ = registry.get_version_by_alias("champion")
-    assert champ.version == "3" and champ.tags["previous_champion"] == "1"
+    assert champ.version == "3" and champ.tags["previous_champion"] == "1" and champ.tags["gate"] == "promoted"
+    assert champ.tags["gate_speed_ratio"] == "1.2"
     assert registry.get_version_by_alias("challenger") is None  # the promoted challenger gave it up
 
     assert registry.rollback().version == "1"
@@ -76,6 +92,13 @@ def test_gate_promotes_refuses_and_rolls_back(registry, drafter_dir):
     registry.promote("2")  # forced, CLI style
     assert registry.get_version_by_alias("champion").version == "2"
     assert registry.get_version("2").tags["previous_champion"] == "1"
+
+
+def test_promotion_moves_the_alias_it_is_given(registry, drafter_dir):
+    v1 = _register(registry, drafter_dir, 0.2)
+    registry.apply_gate(v1.version, GateDecision(True, "first"), alias="production")
+    assert registry.get_version_by_alias("production").version == v1.version
+    assert registry.get_version_by_alias("champion") is None
 
 
 def test_download_and_resolve(registry, drafter_dir, tmp_path):

@@ -1,5 +1,6 @@
-"""The Serve application end to end on a local Ray cluster: OpenAI client, bad requests, load, logging,
-drafter hot swap and refusals. One app (tiny target, drafters derived from it) per module."""
+"""The Serve application end to end on a local Ray cluster: OpenAI client, `auto` speculation and explicit
+gammas (lossless), bad requests, load, logging, drafter hot swap and refusals. One app (tiny target, drafters
+derived from it) per module, and a second one with `auto` speculation for its test."""
 
 import json
 import os
@@ -110,7 +111,8 @@ def test_openai_client(app):
     chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0,
                                           extra_body={"draftsmith": {"num_speculative_tokens": 2}})
     assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens >= 1
-    assert chat.model_extra["draftsmith"]["num_speculative_tokens"] == 2
+    figures = chat.model_extra["draftsmith"]
+    assert figures["speculation"] == "fixed" and figures["num_speculative_tokens"] <= 2  # the longest draft verified
     pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
         model=MODEL, messages=messages, max_tokens=16, temperature=0, stream=True,
         extra_body={"draftsmith": {"num_speculative_tokens": 2}}) if c.choices]
@@ -152,6 +154,63 @@ BAD = [
     ("stream beyond context", "/v1/completions",
      {"model": MODEL, "prompt": "x", "max_tokens": 5000, "stream": True}, 400, "exceeds the context"),
 ]
+
+
+def test_auto_speculation_and_explicit_gammas_are_lossless(app):
+    """An app with `engine.num_speculative_tokens: auto` (prompt lookup beside the drafter): greedy text is the
+    same with the policy, with explicit gammas and with speculation off, streamed or not; each response says
+    what was done; the replica's status carries the policy's snapshot."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    prefix = "/auto"
+    serve.run(build_app({"target": "tiny", "drafter": "derived:first1", "traffic": {"enabled": False},
+                         "engine": {"max_model_len": 256, "max_batch_size": 4, "num_speculative_tokens": "auto",
+                                    "prompt_lookup_max": 3},
+                         "placement": {"num_cpus": 0, "torch_threads": 1}}),
+              name="draftsmith-auto", route_prefix=prefix)
+    base = app["base"].removesuffix(PREFIX) + prefix
+    try:
+        prompts = ["Hello there", "one two three one two three one two", "x"]
+        arms = {"auto": None, "gamma 1": {"num_speculative_tokens": 1}, "gamma 5": {"num_speculative_tokens": 5},
+                "off": {"speculative": False}}
+
+        def complete(prompt, options, stream=False):
+            payload = {"model": MODEL, "prompt": prompt, "max_tokens": 24, "temperature": 0, "stream": stream}
+            if options:
+                payload["draftsmith"] = options
+            response = _post(base, "/v1/completions", payload)
+            assert response.status_code == 200, response.text
+            if not stream:
+                body = response.json()
+                return body["choices"][0]["text"], body["draftsmith"]
+            events = [json.loads(b[6:]) for b in response.text.split("\n\n") if b.startswith("data: {")]
+            return "".join(e["choices"][0]["text"] for e in events if e["choices"]), events[-1]["draftsmith"]
+
+        with ThreadPoolExecutor(4) as pool:  # concurrent: the policy plans batches of several rows
+            answers = {(p, arm): pool.submit(complete, p, options, stream=arm == "auto" and p == "x")
+                       for p in prompts for arm, options in arms.items()}
+            answers = {key: future.result() for key, future in answers.items()}
+        for prompt in prompts:
+            texts = {arm: answers[prompt, arm][0] for arm in arms}
+            assert len(set(texts.values())) == 1, (prompt, texts)
+            figures = {arm: answers[prompt, arm][1] for arm in arms}
+            assert figures["auto"]["speculation"] == "auto" and figures["auto"]["num_speculative_tokens"] <= 8
+            assert figures["gamma 1"]["speculation"] == "fixed" and figures["gamma 1"]["num_speculative_tokens"] <= 1
+            assert figures["gamma 5"]["num_speculative_tokens"] <= 5
+            assert figures["off"]["speculation"] == "off" and figures["off"]["drafted"] == 0
+            assert figures["off"]["proposer"] == "none"
+        assert answers[prompts[1], "gamma 5"][1]["drafted"] > 0  # an explicit gamma is honoured
+        status = httpx.get(base + "/draftsmith/status", timeout=30).json()
+        assert status["num_speculative_tokens"] == "auto" and status["max_speculative_tokens"] == 8
+        assert {"predicted_speedup", "measured_speedup", "alphas", "steps"} <= set(status["policy"])
+        # a request asking for more than the limit is refused before it reaches the engine
+        refused = _post(base, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 4,
+                                                  "draftsmith": {"num_speculative_tokens": 17}})
+        assert refused.status_code == 422
+    finally:
+        serve.delete("draftsmith-auto")
 
 
 def test_bad_requests_get_4xx_and_server_keeps_serving(app):

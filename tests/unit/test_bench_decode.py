@@ -16,7 +16,7 @@ REQUIRED = ["autoregressive_tok_s", "speculative_tok_s", "hf_generate_tok_s", "h
 
 
 def test_bench_decode_on_tiny_prints_one_json_line(capsys):
-    assert bench_decode.main(["--target", "tiny", "--drafter", "derived:0", "--n-prompts", "2",
+    assert bench_decode.main(["--target", "tiny", "--drafter", "derived:0", "--n-prompts", "2", "--gamma", "4",
                               "--max-new-tokens", "8", "--max-prompt-tokens", "32"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     report = json.loads(lines[-1])
@@ -36,7 +36,7 @@ def test_leviathan_expected_tokens_and_speedup():
 
 
 def test_bench_decode_measures_an_explicit_layer_parallel_plan(capsys):
-    assert bench_decode.main(["--target", "tiny", "--drafter", "derived:0,1", "--n-prompts", "2", "--skip-hf",
+    assert bench_decode.main(["--target", "tiny", "--drafter", "derived:0,1", "--n-prompts", "2", "--gamma", "4", "--skip-hf",
                               "--max-new-tokens", "8", "--max-prompt-tokens", "32", "--batch-size", "2",
                               "--layer-parallel-plan", "2", "--no-prepack"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -54,14 +54,14 @@ def test_bench_decode_refuses_a_malformed_plan(capsys):
 def test_bench_decode_runs_a_feature_drafter(capsys):
     """A drafter reading the target's features: the engine paths and transformers' plain generate() run,
     transformers' assisted generation (which cannot feed it features) is left out, and no plan applies."""
-    assert bench_decode.main(["--target", "tiny", "--drafter", "feature:last1", "--n-prompts", "2",
+    assert bench_decode.main(["--target", "tiny", "--drafter", "feature:last1", "--n-prompts", "2", "--gamma", "4",
                               "--max-new-tokens", "8", "--max-prompt-tokens", "32"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["greedy_mismatches"] == 0 and report["drafter_step_ms"] > 0
     assert report["hf_generate_tok_s"] and report["hf_assisted_tok_s"] is None
     assert "features" in report["hf_assisted_refused"]
     with pytest.raises(SystemExit, match="drafts sequentially"):
-        bench_decode.main(["--target", "tiny", "--drafter", "feature:last1", "--layer-parallel", "2"])
+        bench_decode.main(["--target", "tiny", "--drafter", "feature:last1", "--layer-parallel", "2", "--gamma", "4"])
 
 
 def test_bench_decode_reports_prompt_lookup_beside_the_drafter(capsys):
@@ -92,7 +92,7 @@ def test_bench_decode_speculates_by_prompt_lookup_alone(capsys):
 def test_bench_decode_switches_speculation_off_at_a_batch_size(capsys):
     assert bench_decode.main(["--target", "tiny", "--drafter", "derived:0", "--n-prompts", "2", "--skip-hf",
                               "--max-new-tokens", "8", "--max-prompt-tokens", "32", "--batch-size", "2",
-                              "--disable-speculation-at-batch", "2"]) == 0
+                              "--disable-speculation-at-batch", "2", "--gamma", "4"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["disable_speculation_at_batch"] == 2 and report["greedy_mismatches"] == 0
     assert report["mean_accepted_length"] == 1.0  # both prompts decode together to the end: never speculated
@@ -123,7 +123,7 @@ def test_bench_decode_refuses_assisted_generation_it_cannot_run_alike(capsys):
     the transformers baselines it runs are warmed like the engine's arms."""
     from draftsmith.models import tiny_model
 
-    assert bench_decode.main(["--target", "tiny", "--drafter", "derived:0", "--n-prompts", "2",
+    assert bench_decode.main(["--target", "tiny", "--drafter", "derived:0", "--n-prompts", "2", "--gamma", "4",
                               "--max-new-tokens", "6", "--max-prompt-tokens", "32"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["hf_assisted_refused"] is None and set(report["warmup"]) >= {"hf", "hf_assisted", "ar", "spec"}

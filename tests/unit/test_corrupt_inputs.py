@@ -78,7 +78,9 @@ def test_broken_drafter_is_refused_with_its_path_and_the_old_one_serves(drafters
     (version, reason), = pair.refused.items()
     assert version.startswith(path.name) and kind in reason and str(path) in reason, reason
     assert pair.check_drafter() == "derived-first1" and len(pair.refused) == 1  # refused once, not reloaded
-    (result,) = pair.loop.engine.generate([Request("r", [1, 2, 3], SamplingParams(max_tokens=6, temperature=0))])
+    # An explicit length: the still-loaded old drafter must really draft (auto could switch it off).
+    (result,) = pair.loop.engine.generate([Request("r", [1, 2, 3], SamplingParams(max_tokens=6, temperature=0),
+                                                   num_speculative_tokens=3)])
     assert len(result.output_token_ids) == 6 and result.drafter_version == "derived-first1"
     assert result.stats.drafted > 0
 

@@ -14,6 +14,7 @@ from draftsmith.distill import (
     student_logits,
     train_step,
 )
+from draftsmith.engine_config import EngineConfig
 from draftsmith.models import derive_drafter, frequent_token_ids, tiny_model
 from pipelines.backfill import backfill, generate_records
 from draftsmith.distill_data import build_distill_dataset
@@ -30,7 +31,8 @@ def target():
 def records(target):
     drafter = derive_drafter(target, "first1")
     torch.set_num_threads(1)
-    return generate_records(target, drafter, PROMPTS, max_tokens=24, num_speculative_tokens=4, topk=8)
+    return generate_records(target, drafter, PROMPTS, max_tokens=24,
+                            engine=EngineConfig(num_speculative_tokens=4, topk_logprobs=8))
 
 
 def test_engine_records_are_served_traffic(records, target):
@@ -242,7 +244,8 @@ def test_feature_drafter_trains_as_it_serves(target, records):
 
     prompts = [r.prompt_token_ids for r in records]
     def acceptance(d):
-        return evaluate_drafters(target, {"d": d}, prompts, gamma=3, max_new_tokens=24, temperatures=(0.0,),
+        return evaluate_drafters(target, {"d": d}, prompts, engine=EngineConfig(num_speculative_tokens=3),
+                                 max_new_tokens=24, temperatures=(0.0,),
                                  measure_autoregressive=False, warmup=False).get("d").token_acceptance
     before = acceptance(drafter)
     fc = student.feature_fc.detach().clone()

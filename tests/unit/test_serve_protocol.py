@@ -164,27 +164,95 @@ def test_engine_section_is_the_engine_config():
                                                                                "default_max_tokens"}
     for name, field in EngineConfig.model_fields.items():
         assert EngineSettings.model_fields[name].description == field.description, name
+        assert EngineSettings.model_fields[name].metadata == field.metadata, name  # same rules
+
+
+def _result(stats, drafter_version="v7"):
+    from draftsmith.specdec import GenerationResult
+
+    return GenerationResult(
+        request_id="r1", prompt_token_ids=[1, 2], output_token_ids=[3, 4, 5], finish_reason="length",
+        text="abc", topk_ids=torch.tensor([[3, 9], [4, 9], [5, 9]]), topk_logprobs=torch.zeros(3, 2),
+        accept_mask=torch.tensor([False, True, False]), stats=stats, drafter_version=drafter_version)
+
+
+def _record(result):
+    from draftsmith.sampling import SamplingParams
+
+    return record_from_result(result, target_id="tiny", target_revision="seed0", tokenizer_hash="h",
+                              params=SamplingParams(max_tokens=3, seed=5), prompt_text="p", user="u")
 
 
 def test_record_from_result():
-    from draftsmith.sampling import SamplingParams
-    from draftsmith.specdec import GenerationResult, RequestStats
+    from draftsmith.specdec import RequestStats
 
-    result = GenerationResult(
-        request_id="r1", prompt_token_ids=[1, 2], output_token_ids=[3, 4, 5], finish_reason="length",
-        text="abc", topk_ids=torch.tensor([[3, 9], [4, 9], [5, 9]]), topk_logprobs=torch.zeros(3, 2),
-        accept_mask=torch.tensor([False, True, False]), stats=RequestStats(drafted=4, accepted=1, compared=2),
-        drafter_version="v7")
-    record = record_from_result(result, target_id="tiny", target_revision="seed0", tokenizer_hash="h",
-                                params=SamplingParams(max_tokens=3, seed=5), num_speculative_tokens=4,
-                                prompt_text="p", user="u")
+    stats = RequestStats(drafted=4, accepted=1, compared=2, steps=2, draft_length_counts={3: 1, 1: 1})
+    record = _record(_result(stats))
     assert record.drafter_version == "v7" and record.accept_mask == [False, True, False]
     assert record.target_topk_ids == [[3, 9], [4, 9], [5, 9]] and record.seed == 5 and record.user == "u"
-    assert record.drafted == 4 and record.num_speculative_tokens == 4 and record.output_text == "abc"
-    result.drafter_version = "none"
-    plain = record_from_result(result, target_id="tiny", target_revision="seed0", tokenizer_hash="h",
-                               params=SamplingParams(max_tokens=3), num_speculative_tokens=4)
+    assert record.drafted == 4 and record.output_text == "abc"
+    assert record.num_speculative_tokens == 3  # the longest draft verified, not a configured gamma
+    plain = _record(_result(RequestStats(), drafter_version="none"))
     assert plain.drafter_version == "" and plain.num_speculative_tokens == 0
+
+
+def test_records_and_responses_say_what_was_done_not_the_configured_gamma():
+    """A record used to log the configured gamma (4) for a request whose batch ran autoregressively, and a
+    response said gamma 0 for a request that prompt lookup drafted for (no drafter loaded)."""
+    from draftsmith.specdec import RequestStats
+    from serve.pair_protocol import speculation_figures
+
+    autoregressive = RequestStats(steps=5, emitted_in_steps=5, draft_length_counts={0: 5})
+    assert _record(_result(autoregressive)).num_speculative_tokens == 0
+    figures = speculation_figures(autoregressive, "v7", "fixed")
+    assert figures["num_speculative_tokens"] == 0 and figures["proposer"] == "none"
+    assert figures["mean_drafted_per_step"] == 0 and figures["draft_length_counts"] == {"0": 5}
+
+    lookup = RequestStats(drafted=5, accepted=3, compared=5, steps=4, emitted_in_steps=7, lookup_drafted=5,
+                          lookup_accepted=3, speculative_steps=2, policy_off_steps=2,
+                          draft_length_counts={0: 2, 2: 1, 3: 1}, position_tried=[2, 2, 1],
+                          position_accepted=[2, 1, 0])
+    assert _record(_result(lookup, drafter_version="none")).num_speculative_tokens == 3
+    figures = speculation_figures(lookup, "none", "auto")
+    assert figures["drafter_version"] is None and figures["proposer"] == "lookup"
+    assert figures["num_speculative_tokens"] == 3 and figures["mean_drafted_per_step"] == 1.25
+    assert figures["speculation"] == "auto" and figures["policy_off_steps"] == 2 and figures["policy_switched_off"]
+    assert figures["position_tried"] == [2, 2, 1] and figures["position_accepted"] == [2, 1, 0]
+    assert figures["draft_length_counts"] == {"0": 2, "2": 1, "3": 1} and figures["speculative_steps"] == 2
+    json.dumps(figures)  # the response body
+
+
+def test_speculation_mode_of_a_request():
+    from serve.pair_protocol import GenerateRequest
+
+    request = GenerateRequest("r", [1], max_tokens=1)
+    assert request.speculation("auto") == "auto" and request.speculation(4) == "fixed"
+    assert request.speculation(0) == "off"
+    assert GenerateRequest("r", [1], max_tokens=1, num_speculative_tokens=2).speculation("auto") == "fixed"
+    assert GenerateRequest("r", [1], max_tokens=1, num_speculative_tokens=0).speculation("auto") == "off"
+    assert GenerateRequest("r", [1], max_tokens=1, num_speculative_tokens=3, speculative=False).speculation(4) == "off"
+
+
+def test_speculation_auto_in_every_config_form(tmp_path):
+    from serve.app import _parser, args_from_cli
+
+    assert ServeAppConfig().engine.num_speculative_tokens == "auto"  # serving decides by itself by default
+    assert ServeAppConfig().engine.max_speculative_tokens == ServeAppConfig().engine.auto_max_speculative_tokens
+    assert parse_app_args({"engine.num_speculative_tokens": "auto"}).engine.num_speculative_tokens == "auto"
+    flat = parse_app_args({"engine.num_speculative_tokens": "3"}).engine
+    assert flat.num_speculative_tokens == 3 and flat.max_speculative_tokens == 3
+    cli = parse_app_args(args_from_cli(_parser().parse_args(["--num-speculative-tokens", "auto"])))
+    assert cli.engine.num_speculative_tokens == "auto"
+    assert parse_app_args(args_from_cli(_parser().parse_args(["--num-speculative-tokens", "5"]))).engine \
+        .num_speculative_tokens == 5
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--num-speculative-tokens", "many"])
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        parse_app_args({"engine.num_speculative_tokens": "sometimes"})
+    path = tmp_path / "serve.yaml"
+    path.write_text("target: tiny\nengine: {num_speculative_tokens: auto, auto_max_speculative_tokens: 5}\n")
+    engine = parse_app_args({"config": str(path)}).engine
+    assert engine.num_speculative_tokens == "auto" and engine.max_speculative_tokens == 5
 
 
 def test_engine_catch_up_near_the_cache_end():
@@ -241,3 +309,34 @@ def test_bearer_auth_is_optional(monkeypatch):
     with pytest.raises(ProtocolError) as caught:
         check(SimpleNamespace(_token="other"), request)
     assert caught.value.status == 401 and caught.value.type == "authentication_error"
+
+
+def test_ingress_default_max_tokens_with_auto_speculation():
+    """The ingress computed the default max_tokens as context - prompt - info["num_speculative_tokens"] - 1,
+    which fails when the replica's gamma is "auto": it keeps the policy's headroom instead (or a request's
+    own larger gamma)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from serve.app import Ingress
+
+    info = {"max_model_len": 64, "num_speculative_tokens": "auto", "max_speculative_tokens": 8,
+            "max_num_speculative_tokens": 16, "default_max_tokens": 256}
+
+    async def engine_info():
+        return info
+
+    ingress = SimpleNamespace(_engine_info=engine_info, cfg=ServeAppConfig(target="tiny", drafter=None))
+    request = SimpleNamespace(headers={})
+
+    def pair_request(**draftsmith):
+        body = parse_request(_body(messages=[{"role": "user", "content": "x"}], draftsmith=draftsmith),
+                             ChatCompletionRequest)
+        return asyncio.run(Ingress.func_or_class._pair_request(ingress, request, body, [1] * 10, "p", None))
+
+    assert pair_request().max_tokens == 64 - 10 - 8 - 1
+    assert pair_request(num_speculative_tokens=12).max_tokens == 64 - 10 - 12 - 1
+    assert pair_request(speculative=False).num_speculative_tokens is None
+    with pytest.raises(ProtocolError) as caught:
+        pair_request(num_speculative_tokens=17)
+    assert caught.value.status == 422

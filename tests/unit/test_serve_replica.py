@@ -183,3 +183,122 @@ def test_a_second_check_during_a_load_does_not_load_again():
     second.join(30)
     assert first_box["value"] == second_box["value"] == "v1"
     assert loads == ["v1"] and installed == ["v1"] and watcher.swaps == 1
+
+
+# ----- what a replica reports: the response's figures, the record, the metrics ---------------------------
+def _serve_requests(engine: dict, requests: list[GenerateRequest], drafter: str | None = None):
+    """Run `requests` one after the other through a replica without Ray; returns ({id: (text, Finish)},
+    records the replica made, the replica)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from serve.spec_pair import SpecPairImpl
+
+    async def handed_off(_):
+        return None
+
+    pair = SpecPairImpl({"target": "tiny", "drafter": drafter, "placement": {"torch_threads": 1},
+                         "engine": {"max_model_len": 128, "max_batch_size": 2, **engine}}, start=False)
+    records = []
+    pair.traffic = SimpleNamespace(connected=True, enqueue=records.append, ensure_started=lambda: None,
+                                   handed_off=handed_off)
+    pair.loop.start()
+
+    async def run():
+        finished = {}
+        for request in requests:
+            text = []
+            async for chunk in pair._run(request):
+                assert chunk.error is None, chunk.error
+                text.append(chunk.text)
+                if chunk.finish is not None:
+                    finished[request.request_id] = ("".join(text), chunk.finish)
+        return finished
+
+    try:
+        return asyncio.run(run()), records, pair
+    finally:
+        pair.loop.stop()
+
+
+def test_a_batch_run_autoregressively_reports_and_logs_no_speculation():
+    """The record logged the configured gamma (4) and the response said 4 for a request whose steps all ran
+    autoregressively (here: speculation switched off at batch 1)."""
+    finished, records, _ = _serve_requests(
+        {"num_speculative_tokens": 4, "disable_speculation_at_batch": 1},
+        [GenerateRequest("ar", [5, 6, 7], max_tokens=8, temperature=0.0)], drafter="derived:first1")
+    figures = finished["ar"][1].draftsmith
+    assert [r.num_speculative_tokens for r in records] == [0] and figures["num_speculative_tokens"] == 0
+    assert figures["drafter_version"] == "derived-first1" and figures["speculation"] == "fixed"
+    assert figures["proposer"] == "none" and figures["drafted"] == 0
+    assert figures["mean_drafted_per_step"] == 0 and set(figures["draft_length_counts"]) == {"0"}
+
+
+def test_a_lookup_only_response_reports_the_lookup_drafts():
+    """With no drafter and prompt lookup on, a response said num_speculative_tokens 0 although lookup drafted."""
+    finished, records, _ = _serve_requests(
+        {"num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1},
+        [GenerateRequest("lookup", [20, 21, 22, 20, 21, 22, 20, 21], max_tokens=16, temperature=0.0)])
+    figures = finished["lookup"][1].draftsmith
+    assert 1 <= figures["num_speculative_tokens"] <= 4 and figures["drafted"] > 0
+    assert records[0].num_speculative_tokens == figures["num_speculative_tokens"]
+    assert figures["drafter_version"] is None and figures["proposer"] == "lookup"
+    assert figures["lookup_drafted"] == figures["drafted"] and figures["mean_drafted_per_step"] > 0
+
+
+def test_auto_and_explicit_gammas_are_lossless_and_reported():
+    """engine.num_speculative_tokens: auto; a request's explicit gamma is honoured, speculative: false is off;
+    greedy output is the same text in every case; the policy's snapshot is kept for the metrics."""
+    prompt = [3, 17, 42, 9, 3, 17, 42, 9, 11]
+    requests = [GenerateRequest("auto", prompt, max_tokens=20, temperature=0.0),
+                GenerateRequest("two", prompt, max_tokens=20, temperature=0.0, num_speculative_tokens=2),
+                GenerateRequest("off", prompt, max_tokens=20, temperature=0.0, speculative=False)]
+    finished, records, pair = _serve_requests({"num_speculative_tokens": "auto", "prompt_lookup_max": 3},
+                                              requests, drafter="derived:first1")
+    texts = {rid: text for rid, (text, _) in finished.items()}
+    assert texts["auto"] == texts["two"] == texts["off"]
+    figures = {rid: finish.draftsmith for rid, (_, finish) in finished.items()}
+    assert figures["auto"]["speculation"] == "auto"
+    assert figures["auto"]["num_speculative_tokens"] <= pair.cfg.engine.auto_max_speculative_tokens
+    assert figures["two"]["speculation"] == "fixed" and figures["two"]["num_speculative_tokens"] <= 2
+    assert figures["off"]["speculation"] == "off" and figures["off"]["drafted"] == 0
+    assert figures["off"]["proposer"] == "none" and figures["off"]["num_speculative_tokens"] == 0
+    assert [r.output_token_ids for r in records][0] == records[2].output_token_ids
+    snapshot = pair.loop.policy
+    assert set(snapshot) >= {"predicted_speedup", "measured_speedup", "alphas", "steps"}
+    assert pair.info()["num_speculative_tokens"] == "auto"
+    assert pair.info()["max_speculative_tokens"] == pair.cfg.engine.auto_max_speculative_tokens
+
+
+class _Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def inc(self, value, tags=None):
+        self.calls.append((value, tags))
+
+    set = inc
+
+
+def test_metrics_per_position_length_and_policy():
+    from draftsmith.request_stats import RequestStats
+
+    m = ReplicaMetrics()
+    for name in ("position_tried", "position_accepted", "draft_length_steps", "policy_off_steps",
+                 "predicted_speedup", "measured_speedup", "policy_alpha"):
+        setattr(m, name, _Recorder())
+    tags = {"model": "m", "drafter_version": "v1"}
+    stats = RequestStats(steps=4, policy_off_steps=1, position_tried=[3, 2], position_accepted=[2, 0],
+                         draft_length_counts={0: 1, 2: 3})
+    m.record_speculation(stats, tags)
+    assert m.position_tried.calls == [(3, {**tags, "position": "1"}), (2, {**tags, "position": "2"})]
+    assert m.position_accepted.calls == [(2, {**tags, "position": "1"})]  # Ray's counters refuse 0
+    assert sorted(m.draft_length_steps.calls, key=str) == [(1, {**tags, "length": "0"}), (3, {**tags, "length": "2"})]
+    assert m.policy_off_steps.calls == [(1, tags)]
+    m.record_policy(None, tags)  # not auto: nothing
+    assert m.predicted_speedup.calls == []
+    m.record_policy({"predicted_speedup": 1.3, "measured_speedup": 1.1, "alphas": {"drafter:v1": [0.8, 0.5]},
+                     "steps": 10}, tags)
+    assert m.predicted_speedup.calls == [(1.3, tags)] and m.measured_speedup.calls == [(1.1, tags)]
+    assert m.policy_alpha.calls == [(0.8, {"model": "m", "proposer": "drafter:v1", "position": "1"}),
+                                    (0.5, {"model": "m", "proposer": "drafter:v1", "position": "2"})]

@@ -352,3 +352,34 @@ def test_a_cancelled_log_batch_keeps_its_records(tmp_path):
     logger = asyncio.run(scenario())
     assert logger.received == 1 and logger.writer.records_written == 1
     assert read_traffic_table(tmp_path).column("request_id").to_pylist() == ["req-0"]
+
+
+def test_a_file_written_before_the_new_columns_still_reads(tmp_path):
+    """Traffic logs predate the columns saying what the engine really did: their files read, the new
+    fields as None, and new records round-trip them."""
+    import dataclasses as _dc
+
+    import pyarrow as _pa
+    import pyarrow.parquet as _pq
+
+    from draftsmith.traffic import TRAFFIC_SCHEMA, TrafficRecord, TrafficWriter, scan_traffic
+
+    new = ("verify_steps", "policy_off_steps", "proposer", "lookup_drafted", "lookup_accepted")
+    now = dt.datetime(2026, 3, 1, 12, tzinfo=dt.timezone.utc)
+    base = dict(created_at=now, target_id="t", target_revision="r", tokenizer_hash="h", temperature=0.0,
+                max_tokens=2, prompt_token_ids=[1], output_token_ids=[2], target_topk_ids=[[2]],
+                target_topk_logprobs=[[-0.5]], accept_mask=[False], finish_reason="stop")
+    old_schema = _pa.schema([f for f in TRAFFIC_SCHEMA if f.name not in new])
+    old_row = {k: v for k, v in TrafficRecord(request_id="old", **base).to_row().items() if k not in new}
+    folder = tmp_path / "log" / "date=2026-03-01" / "hour=12"
+    folder.mkdir(parents=True)
+    _pq.write_table(_pa.Table.from_pylist([old_row], schema=old_schema), folder / "part-old.parquet")
+    fresh = TrafficRecord(request_id="new", verify_steps=5, policy_off_steps=2, proposer="drafter+lookup",
+                          lookup_drafted=3, lookup_accepted=1, **base)
+    with TrafficWriter(tmp_path / "log") as writer:
+        writer.add(fresh)
+    scan = scan_traffic(tmp_path / "log")
+    assert not scan.skipped and scan.files_read == 2
+    records = {r.request_id: r for r in scan.records()}
+    assert all(getattr(records["old"], name) is None for name in new)
+    assert records["new"] == fresh and _dc.asdict(records["new"])["proposer"] == "drafter+lookup"

@@ -1,0 +1,72 @@
+"""`draftsmith bench serve`'s pure parts: its flags, the warm-up rule and the report (ratios only when every
+arm, warm-ups and the in-process engine included, ran without errors)."""
+
+import argparse
+
+import pytest
+
+from pipelines.bench_serve import _parser, combine, concurrency_levels, speculation_summary, warmup_size
+
+
+def _run(tok_s: float, errors: int = 0, concurrency: int = 1) -> dict:
+    return {"requests": 4 - errors, "errors": errors, "concurrency": concurrency, "output_tok_s": tok_s,
+            "ttft_p50_ms": 10.0}
+
+
+def _runs(errors_in: str | None = None) -> dict:
+    runs = {}
+    for c, (spec, off) in {1: (30.0, 20.0), 4: (60.0, 50.0)}.items():
+        runs[f"speculative@{c}"] = _run(spec, concurrency=c)
+        runs[f"speculation_off@{c}"] = _run(off, concurrency=c)
+    if errors_in:
+        runs[errors_in] = {**runs[errors_in], "errors": 1}
+    return runs
+
+
+def test_flags():
+    args = _parser().parse_args([])
+    assert args.gamma == "auto" and args.concurrency == [8]
+    args = _parser().parse_args(["--gamma", "3", "-c", "1,4,8"])
+    assert args.gamma == 3 and args.concurrency == [1, 4, 8]
+    assert concurrency_levels("4, 4,1") == [4, 1]
+    for bad in ("0", "x", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            concurrency_levels(bad)
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--gamma", "sometimes"])
+
+
+def test_every_arm_gets_the_same_warmup_rule():
+    args = _parser().parse_args(["--warmup-per-client", "2"])
+    assert warmup_size(args, 4, 48) == 8 and warmup_size(args, 1, 48) == 2 and warmup_size(args, 8, 5) == 5
+
+
+def test_report_ratios_per_concurrency():
+    warmups = {name: {"requests": 1} for name in _runs()}
+    report = combine([1, 4], _runs(), warmups, {name: _run(1.0) for name in _runs()},
+                     {"engine_tok_s": 40.0, "engine_tok_s_batched": 80.0})
+    assert report["errors"] == 0 and report["concurrency"] == 4 and report["output_tok_s"] == 60.0
+    assert report["speedup_output_tok_s"] == 1.2 and report["speedup_by_concurrency"] == {"1": 1.5, "4": 1.2}
+    assert report["baseline"]["output_tok_s"] == 50.0 and report["output_tok_s_1_client"] == 30.0
+    assert report["scaling_n_over_1"] == 2.0 and report["http_efficiency_1_client"] == 0.75
+    assert report["engine_scaling_n_over_1"] == 2.0 and report["warmup"] == warmups
+
+
+@pytest.mark.parametrize("where", ["speculation_off@1", "speculative@4", "warm-up", "engine"])
+def test_an_error_in_any_arm_reports_no_ratio(where):
+    """bench serve used to compute a speedup from runs with errors and ignored the baseline's in its exit code."""
+    runs = _runs(where if "@" in where else None)
+    warmup_runs = {name: _run(1.0, errors=int(where == "warm-up" and name == "speculative@1")) for name in runs}
+    report = combine([1, 4], runs, {}, warmup_runs, {"engine_tok_s": 40.0}, "boom" if where == "engine" else None)
+    assert report["errors"] == 1 and sum(report["arm_errors"].values()) == 1
+    assert report["speedup_output_tok_s"] is None and set(report["speedup_by_concurrency"].values()) == {None}
+    assert report["http_efficiency_1_client"] is None and report["scaling_n_over_1"] is None
+
+
+def test_speculation_summary_from_the_responses():
+    summary = speculation_summary([
+        {"drafted": 6, "accepted": 3, "compared": 5, "steps": 4, "policy_off_steps": 1, "proposer": "drafter",
+         "mean_accepted_length": 1.75},
+        {"drafted": 0, "accepted": 0, "compared": 0, "steps": 4, "policy_off_steps": 4, "proposer": "none"}])
+    assert summary["acceptance_rate"] == 0.5 and summary["mean_drafted_per_step"] == 0.75
+    assert summary["policy_off_step_share"] == 0.625 and summary["proposers"] == {"drafter": 1, "none": 1}
