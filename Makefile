@@ -6,7 +6,7 @@ STAMP := $(VENV)/.draftsmith-installed
 # CPU build of torch; GPU clusters install their own CUDA build before the project.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup demo test test-unit test-integration bench docs docs-check clean down
+.PHONY: setup demo test test-unit test-integration test-heavy bench docs docs-check clean down
 
 setup: $(STAMP)
 
@@ -22,14 +22,18 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/draftsmith demo --quick
 
+# `heavy` tests take minutes each on a 2-core CPU: `make test-heavy` runs them (pytest reports them deselected).
 test: setup
-	$(BIN)/python -m pytest -q -ra tests
+	$(BIN)/python -m pytest -q -ra -m "not heavy" tests
 
 test-unit: setup
 	$(BIN)/python -m pytest -q -ra tests/unit
 
 test-integration: setup
-	$(BIN)/python -m pytest -q -ra tests/integration
+	$(BIN)/python -m pytest -q -ra -m "not heavy" tests/integration
+
+test-heavy: setup
+	$(BIN)/python -m pytest -q -ra -m heavy tests
 
 bench: setup
 	$(BIN)/draftsmith bench decode

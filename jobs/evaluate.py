@@ -70,7 +70,9 @@ class EvaluateConfig(BaseModel):
                                "log: records at or after the `heldout_since` its distillation job recorded, less "
                                "any prompt seen in training), `sharegpt` (its held-out split) or `jsonl:PATH`.")
     traffic_uri: str | None = Field(None, description="Traffic log URI (needed when prompts is `traffic`).")
-    num_prompts: int = Field(32, ge=1, description="Held-out prompts to decode (also the gate's sample size).")
+    num_prompts: int = Field(32, ge=1, le=256, description="Held-out prompts to decode (also the gate's sample "
+                             "size). At most 256: the gate's exact Wilcoxon p-value enumerates the rank-sum "
+                             "distribution, whose cost grows with the cube of the sample size.")
     max_prompt_tokens: int = Field(256, ge=1, description="Prompts keep this many tokens (the end).")
     max_new_tokens: int = Field(64, ge=1, description="Tokens generated per prompt.")
     temperatures: list[float] = Field([0.0, 1.0], description="0 is greedy; others are seeded sampling "

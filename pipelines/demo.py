@@ -133,8 +133,10 @@ class DemoConfig(BaseModel):
 
     def engine_settings(self) -> dict[str, Any]:
         """The `engine:` section of the Serve app and of the gate's evaluation (EngineConfig fields)."""
-        return {**self.engine, "num_speculative_tokens": self.gamma, "max_batch_size": self.concurrency,
-                "max_model_len": self.max_prompt_tokens + self.max_tokens + 32}
+        settings = {**self.engine, "num_speculative_tokens": self.gamma, "max_batch_size": self.concurrency}
+        # room for the longest draft a step may verify (auto's cap included), plus its bonus token
+        headroom = EngineConfig(**settings).max_speculative_tokens + 1
+        return {**settings, "max_model_len": self.max_prompt_tokens + self.max_tokens + headroom}
 
 
 # The CPU size: enough logged train requests for a first distillation to raise held-out token acceptance,

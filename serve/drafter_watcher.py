@@ -101,10 +101,21 @@ class DrafterWatcher:
                 if self._current(generation):
                     return version
 
+    def _swap(self, runner, version: str) -> None:
+        """Install and wait. A swap still queued at the timeout is cancelled: the engine thread would otherwise
+        run it later, serving a drafter this watcher recorded as refused."""
+        future = self._install(runner, version)
+        try:
+            future.result(timeout=SWAP_TIMEOUT_S)
+        except concurrent.futures.TimeoutError:
+            if future.cancel():
+                raise
+            future.result()  # the engine thread already began it: it finishes, and then it is what serves
+
     def _check(self, source: DrafterSource | None, generation: int) -> str:
         if source is None:
             if self.version != "none":
-                self._install(None, "none").result(timeout=SWAP_TIMEOUT_S)
+                self._swap(None, "none")
                 self.version = "none"
             return self.version
         try:
@@ -119,7 +130,7 @@ class DrafterWatcher:
             runner = self._runner_for(ref.load(self.target))
             if not self._current(generation):  # reconfigured while loading: check the new source instead
                 return self.version
-            self._install(runner, ref.version).result(timeout=SWAP_TIMEOUT_S)
+            self._swap(runner, ref.version)
         except Exception as error:  # noqa: BLE001  refuse, keep the old drafter
             reason = f"{type(error).__name__}: {error}"
             if ref.location and ref.location not in reason:  # e.g. a truncated safetensors file

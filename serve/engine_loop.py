@@ -83,6 +83,8 @@ class EngineLoop:
         return future
 
     def _set_drafter(self, runner, version, future) -> None:
+        if not future.set_running_or_notify_cancel():  # the watcher gave up waiting: never swap after that
+            return
         try:
             self.engine.set_drafter(runner, version)
         except Exception as error:  # noqa: BLE001  the engine keeps its old drafter

@@ -70,18 +70,22 @@ class GenerateRequest:
     speculative: bool = True  # False: autoregressive decoding for this request
     log: bool = True  # False: not written to the traffic log
 
+    @property
+    def requested_gamma(self) -> int | None:
+        """The draft length this request asks the engine for: 0 when `speculative: false`, None for the default."""
+        return self.num_speculative_tokens if self.speculative else 0
+
     def speculation(self, engine_gamma: int | str) -> str:
         """How this request's draft lengths are decided: "auto" (the engine's policy, every step), "fixed"
         (its own or the engine's number) or "off" (`speculative: false`, or a gamma of 0)."""
-        gamma = 0 if not self.speculative else self.num_speculative_tokens
-        gamma = engine_gamma if gamma is None else gamma
+        gamma = engine_gamma if self.requested_gamma is None else self.requested_gamma
         return "auto" if gamma == "auto" else "fixed" if gamma else "off"
 
     def engine_request(self) -> Request:
-        gamma = 0 if not self.speculative else self.num_speculative_tokens
         params = SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
                                 stop=tuple(self.stop), seed=self.seed)
-        return Request(self.request_id, list(self.prompt_token_ids), params, num_speculative_tokens=gamma)
+        return Request(self.request_id, list(self.prompt_token_ids), params,
+                       num_speculative_tokens=self.requested_gamma)
 
 
 def speculation_figures(stats, drafter_version: str, speculation: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ change outputs: whatever the plan says, the target verifies it, so every plan is
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from draftsmith.cost_profile import drafter_curve, measure_cost_model
 from draftsmith.engine_config import EngineConfig
@@ -30,7 +30,7 @@ class StepTimings:
     """Seconds of one decoding step's parts, as the engine measured them."""
 
     lookup: float
-    draft: float  # drafter forwards (lookup excluded)
+    draft: float  # drafter forwards (lookup and the drafter's catch-up excluded)
     verify: float
     total: float
 
@@ -57,13 +57,23 @@ class AutoSpeculation:
 
     def set_drafter(self, drafter: CausalLMRunner | None, version: str) -> None:
         """A new drafter: its own cost curve and acceptance key; the old one's evidence is dropped."""
+        self.prepare_drafter(drafter, version)()
+
+    def prepare_drafter(self, drafter: CausalLMRunner | None, version: str) -> Callable[[], None]:
+        """`set_drafter` in two parts: what can fail (measuring the new drafter's cost curve) runs now, and the
+        returned function, which cannot fail, installs it (so the engine's swap is all-or-nothing)."""
         key = self._key(drafter, version)
         if key == self.policy.drafter_key and drafter is not None:
-            return
-        if self.policy.drafter_key is not None:
-            self.policy.estimates.forget(self.policy.drafter_key)
-        self.policy.drafter_key = key
-        self.policy.costs.drafter = None if drafter is None else drafter_curve(drafter, max_rows=self.max_rows)
+            return lambda: None
+        curve = None if drafter is None else drafter_curve(drafter, max_rows=self.max_rows)
+
+        def install() -> None:
+            if self.policy.drafter_key is not None:
+                self.policy.estimates.forget(self.policy.drafter_key)
+            self.policy.drafter_key = key
+            self.policy.costs.drafter = curve
+
+        return install
 
     def plan(self, caps: Sequence[int], matches: Sequence[list[int]] | None,
              fixed: Sequence[int | None]) -> StepPlan:
@@ -97,7 +107,7 @@ class AutoSpeculation:
             costs.drafter.observe(rows, timings.draft / width)
         if policy.lookup_enabled and rows:
             costs.lookup_seconds_per_row += SMOOTHING * (timings.lookup / rows - costs.lookup_seconds_per_row)
-        autoregressive = rows / costs.step_seconds(rows, 1, 0, 0, 0)
+        autoregressive = policy.autoregressive_tokens_per_s(rows)
         measured = emitted / timings.total / autoregressive if timings.total > 0 else 1.0
         first = self.steps == 0
         self.predicted_speedup = plan.predicted_speedup if first else self.predicted_speedup + SMOOTHING * (

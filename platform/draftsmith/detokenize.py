@@ -84,11 +84,10 @@ class IncrementalDetokenizer:
         start = max(self._tail_start, self._checked - self._hold)
         text = self._text_from(start)
         self._checked = self._final_len
-        for stop in self.stops:
-            cut = text.find(stop)
-            if cut >= 0:
-                self.stopped = "".join(self._chunks)[:start] + text[:cut]
-                return True
+        cuts = [cut for cut in (text.find(stop) for stop in self.stops) if cut >= 0]
+        if cuts:  # the earliest of the stops the new text completed, whatever their order in the list
+            self.stopped = "".join(self._chunks)[:start] + text[:min(cuts)]
+            return True
         self._trim()
         return False
 

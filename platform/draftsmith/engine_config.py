@@ -49,13 +49,15 @@ class EngineConfig(BaseModel):
                                    "verifies the tokens that followed them instead of the drafter's, at no drafting "
                                    "cost; also speculates while no drafter is loaded. 0 = off.")
     prompt_lookup_min: int = Field(2, ge=1, le=16, description="Shortest n-gram prompt lookup matches.")
-    disable_speculation_at_batch: int = Field(0, ge=0, description="A decoding step with at least this many "
+    disable_speculation_at_batch: int = Field(0, ge=0, description="With a fixed integer "
+                                              "num_speculative_tokens: a decoding step with at least this many "
                                               "running sequences decodes them autoregressively (vLLM's "
                                               "speculative_disable_by_batch_size): verifying gamma + 1 tokens of "
-                                              "every row is compute-bound at large batches. 0 = never.")
+                                              "every row is compute-bound at large batches. 0 = never. Ignored "
+                                              "with auto, whose policy decides every step itself.")
     prepack_weights: bool = Field(True, description="On CPU, run target and drafter on oneDNN-prepacked copies of "
-                                  "their weights, so that verifying gamma + 1 tokens costs about as much as one "
-                                  "single-token step, at the memory of a second copy of the weights.")
+                                  "their weights (the layout oneDNN's matrix products read directly), at the "
+                                  "memory of a second copy of the weights.")
     layer_parallel_group_size: int = Field(1, ge=1, description="Layer-parallel drafting (EasySpec): drafter "
                                            "layers per group, run at once on the same input; 1 = sequential.")
     layer_parallel_group_sizes: tuple[PositiveInt, ...] = Field((), description="Explicit consecutive group "

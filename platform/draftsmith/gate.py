@@ -21,8 +21,8 @@ enumerated, midranks for ties), so no normal approximation is needed at the smal
 real gain of 10-15% whose per-prompt ratios scatter by about as much gives a standardised effect near
 1; with 24-32 prompts the one-sided test at 0.05 then detects it with power well above 0.9 (and 8 prompts
 all in the challenger's favour already give p = 1/256), while timing each prompt once per drafter keeps
-the gate's own runtime to a few minutes on a CPU. Interleaving the two drafters per prompt (in alternating
-order) makes drift of the machine (other processes, thermal state) hit both arms alike, and both arms get
+the gate's own runtime short. The enumeration costs about n^3, so evaluation caps the sample at 256
+prompts. Interleaving the two drafters per prompt (in alternating order) makes drift of the machine (other processes, thermal state) hit both arms alike, and both arms get
 the same warm-up. A seeded percentile bootstrap over prompts gives a confidence interval of the
 geometric-mean ratio, recorded beside the p-value.
 

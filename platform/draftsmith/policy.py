@@ -127,7 +127,7 @@ class AcceptanceEstimates:
             tried[k] *= self.decay
             accepted[k] *= self.decay
         for proposed, took in verdicts:
-            for k in range(min(proposed, took + 1, self.max_positions)):
+            for k in range(min(positions_reached(proposed, took), self.max_positions)):
                 tried[k] += 1
                 accepted[k] += k < took
         self.steps_since_tried[proposer] = 0
@@ -151,6 +151,11 @@ class AcceptanceEstimates:
 
     def observations(self, proposer: str) -> float:
         return self._counts(proposer)[0][0]
+
+
+def positions_reached(proposed: int, accepted: int) -> int:
+    """Draft positions a verification reached: proposed, and every earlier position accepted."""
+    return min(proposed, accepted + 1)
 
 
 def expected_tokens(alphas: Sequence[float], gamma: int) -> float:
@@ -209,9 +214,13 @@ class SpeculationPolicy:
     drafter_key: str | None = None  # the loaded drafter's key in `estimates` (e.g. "drafter:v3"); None: no drafter
     lookup_enabled: bool = False
 
+    def autoregressive_tokens_per_s(self, rows: int) -> float:
+        """The rate of a step drafting nothing: one token per row; with lookup enabled, every step pays it."""
+        return rows / self.costs.step_seconds(rows, 1, 0, 0, rows if self.lookup_enabled else 0)
+
     def choose(self, rows: Sequence[RowState]) -> StepPlan:
         n = len(rows)
-        ar = n / self.costs.step_seconds(n, 1, 0, 0, 0)
+        ar = self.autoregressive_tokens_per_s(n)
         best = StepPlan((0,) * n, (NONE,) * n, ar, ar)
         drafter_alphas = self.estimates.alphas(self.drafter_key) if self.drafter_key else None
         lookup_alphas = self.estimates.alphas(LOOKUP) if self.lookup_enabled else None
@@ -259,22 +268,26 @@ class SpeculationPolicy:
         gammas = tuple(g for g, _, _ in chosen)
         proposers = tuple(p for _, p, _ in chosen)
         verify = 1 + max(gammas, default=0)
-        draft_steps = max((g for g, p, _ in chosen if p == DRAFTER), default=0)
         drafter_rows = sum(p == DRAFTER for p in proposers)
+        # The drafter, once it runs, drafts for every row as long as the longest (lookup rows included).
+        draft_steps = max(gammas) if drafter_rows else 0
         lookup_rows = len(chosen) if self.lookup_enabled else 0
         seconds = self.costs.step_seconds(len(chosen), verify, drafter_rows, draft_steps, lookup_rows)
         tokens = sum(e for _, _, e in chosen)
         return StepPlan(gammas, proposers, tokens / seconds, ar, probe)
 
     def _probe(self, rows, best: StepPlan, drafter_alphas, lookup_alphas, ar) -> StepPlan | None:
-        """A one-token trial of a proposer the plan has not used for probe_interval steps, else None."""
+        """A one-token trial of a proposer the plan has not used for probe_interval steps, else None. Rows
+        with an explicit length keep what the best plan gave them."""
         for key, alphas, used in ((self.drafter_key, drafter_alphas, DRAFTER), (LOOKUP, lookup_alphas, LOOKUP)):
             if alphas is None or used in best.proposers:
                 continue
             if self.estimates.steps_since_tried.setdefault(key, 0) < self.probe_interval:
                 continue
+            alphas_of = {DRAFTER: drafter_alphas, LOOKUP: lookup_alphas}
             chosen = [self._row(r, 1, used == LOOKUP, used == DRAFTER, drafter_alphas, lookup_alphas)
-                      for r in rows]
+                      if r.fixed_gamma is None else (g, p, expected_tokens(alphas_of[p], g) if g else 1.0)
+                      for r, g, p in zip(rows, best.gammas, best.proposers)]
             if any(p == used for _, p, _ in chosen):
                 return self._priced(chosen, ar, probe=True)
         return None

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from draftsmith.proposers import LOOKUP
+from draftsmith.policy import LOOKUP, positions_reached
 
 
 class AcceptanceRates:
@@ -79,17 +79,17 @@ class RequestStats(AcceptanceRates):
 
     def record_step(self, drafted: int, accepted: int, source: str, *, policy_off: bool = False) -> None:
         """One verification step that verified `drafted` tokens from proposer `source`, `accepted` of them."""
+        reached = positions_reached(drafted, accepted)
         self.steps += 1
         self.drafted += drafted
         self.accepted += accepted
-        self.compared += min(accepted + 1, drafted)
+        self.compared += reached
         if source == LOOKUP:
             self.lookup_drafted += drafted
             self.lookup_accepted += accepted
         self.speculative_steps += drafted > 0
         self.policy_off_steps += policy_off
         self.draft_length_counts[drafted] = self.draft_length_counts.get(drafted, 0) + 1
-        reached = min(drafted, accepted + 1)
         while len(self.position_tried) < reached:
             self.position_tried.append(0)
             self.position_accepted.append(0)

@@ -140,14 +140,16 @@ class SpecEngine:
         if drafter is not None and drafter.feature_fc is not None and tuple(drafter.feature_fc.shape) != (hidden, 2 * hidden):
             raise ValueError(f"drafter reads features through a {tuple(drafter.feature_fc.shape)} map, the target's "
                              f"features need ({hidden}, {2 * hidden})")
-        self.drafter = drafter
-        self.drafter_version = version if drafter is not None else "none"
-        self.proposer: Proposer = build_proposer(drafter, self.config, self._view)
-        if self.auto is not None:
-            self.auto.set_drafter(drafter, self.drafter_version)
-        elif self.config.auto and self.proposer.speculates:
-            self.auto = AutoSpeculation(self.config, self.target, drafter, self.drafter_version,
-                                        lookup=bool(self.config.prompt_lookup_max), cost_model=self._cost_model)
+        # All or nothing: build what can fail (the proposer's cache, the cost curve's measurement) first.
+        version = version if drafter is not None else "none"
+        proposer = build_proposer(drafter, self.config, self._view)
+        auto = self.auto
+        install = auto and auto.prepare_drafter(drafter, version)
+        if auto is None and self.config.auto and proposer.speculates:
+            auto = AutoSpeculation(self.config, self.target, drafter, version,
+                                   lookup=bool(self.config.prompt_lookup_max), cost_model=self._cost_model)
+        self.drafter, self.drafter_version, self.auto, self.proposer = drafter, version, auto, proposer
+        install and install()
 
     def policy_snapshot(self) -> dict | None:
         """With auto: the policy's EMA of predicted and measured speedup over autoregressive decoding (measured:
@@ -328,13 +330,13 @@ class SpecEngine:
 
     def _propose(self, seqs: list[_Sequence], rows: Rows):
         """The step's draft, and with auto the policy's plan and what the step needs to report it:
-        (draft, plan, caps, lookup matches, per-row switched-off flags, lookup seconds)."""
+        (draft, plan, per-row switched-off flags, lookup seconds, the proposer's catch-up seconds)."""
         caps = self._caps(seqs)
         if self.auto is None:
             if 0 < self.config.disable_speculation_at_batch <= len(seqs):
                 caps = [0] * len(seqs)  # a proposer catches up from the target's tokens when it next drafts
             draft = self.proposer.propose(rows, caps) if any(caps) else Draft.zeros(rows, 0, self._view)
-            return draft, None, [False] * len(seqs), 0.0
+            return draft, None, [False] * len(seqs), 0.0, 0.0
         start = time.perf_counter()
         matches = self.proposer.lookup_matches(rows, caps)  # looked up once, handed to the proposer below
         lookup_seconds = time.perf_counter() - start
@@ -344,7 +346,8 @@ class SpecEngine:
         found = None if matches is None else [m[:g] if p == LOOKUP else []
                                               for m, g, p in zip(matches, gammas, plan.proposers)]
         draft = self.proposer.propose_planned(rows, gammas, found) if any(gammas) else Draft.zeros(rows, 0, self._view)
-        return draft, plan, self.auto.switched_off(plan, caps, matches, fixed), lookup_seconds
+        catch_up = self.proposer.last_catch_up_seconds if any(gammas) else 0.0
+        return draft, plan, self.auto.switched_off(plan, caps, matches, fixed), lookup_seconds, catch_up
 
     @torch.inference_mode()
     def _decode_step(self, seqs: list[_Sequence], emitted: dict[int, list[int]]) -> None:
@@ -352,7 +355,7 @@ class SpecEngine:
         which sit at the end."""
         start = time.perf_counter()
         rows = self._batch(seqs)
-        draft, plan, off, lookup_seconds = self._propose(seqs, rows)
+        draft, plan, off, lookup_seconds, catch_up_seconds = self._propose(seqs, rows)
         self._sync()
         drafted_at = time.perf_counter()
         verdict, topk = self._verify(seqs, rows, draft)
@@ -374,8 +377,9 @@ class SpecEngine:
             s.stats.emitted_in_steps += kept
             kept_total += kept
         if plan is not None:
-            timings = StepTimings(lookup_seconds, drafted_at - start - lookup_seconds, done - drafted_at,
-                                  time.perf_counter() - start)
+            # A catch-up is no draft forward: charged as one, it would keep the drafter off after long AR stretches.
+            timings = StepTimings(lookup_seconds, drafted_at - start - lookup_seconds - catch_up_seconds,
+                                  done - drafted_at, time.perf_counter() - start)
             self.auto.observe(plan, draft.sources, draft.lengths, accepted, draft.tokens.shape[1], kept_total, timings)
 
     def _verify(self, seqs: list[_Sequence], rows: Rows, draft: Draft):
@@ -385,7 +389,8 @@ class SpecEngine:
         base = torch.tensor([s.target_len for s in seqs], device=device)
         last = torch.tensor([s.tokens[-1] for s in seqs], device=device)
         verify_ids = torch.cat([last[:, None], draft.tokens], dim=1)  # [B, gamma + 1]
-        positions = base[:, None] + torch.arange(gamma + 1, device=device)[None]
+        # Shorter drafts pad past their row's length, maybe past the context: clamp (never read before rewritten).
+        positions = (base[:, None] + torch.arange(gamma + 1, device=device)[None]).clamp(max=self.max_len - 1)
         logits, features = self.target.forward(verify_ids, positions, self.target_cache, rows.slots,
                                                return_features=True)  # [B, gamma + 1, V], [B, gamma + 1, D]
         slots = torch.arange(rows.slots.start, rows.slots.stop, device=device)
@@ -417,11 +422,11 @@ class SpecEngine:
                 seq.finish_reason = "stop"
             elif token in params.stop_token_ids:
                 seq.finish_reason = "stop"
-            elif len(seq.output) >= params.max_tokens:
-                seq.finish_reason = "length"
-            elif stop_string:
+            elif stop_string:  # before the length rule: a stop string completed by the last allowed token cuts too
                 seq.finish_reason = "stop"
                 seq.text, seq.cut_at_stop_string = seq.detokenizer.stopped, True  # the text ends before it
+            elif len(seq.output) >= params.max_tokens:
+                seq.finish_reason = "length"
             if seq.finish_reason:
                 break
         if topk:
@@ -485,8 +490,8 @@ class SpecEngine:
 def runner_for(model, drafter=None, *, prepack: bool = True) -> CausalLMRunner:
     """An inference runner over an HF model, or over a models.Drafter (with its trimmed head if it has one).
 
-    On CPU its weights are prepacked (`CausalLMRunner.prepack`): multi-token verification then costs about
-    one single-token step. `prepack=False` keeps the plain dense path."""
+    On CPU its weights are prepacked (`CausalLMRunner.prepack`: oneDNN-packed copies its matrix products run
+    on); `prepack=False` keeps the plain dense path."""
     if drafter is not None:
         runner = CausalLMRunner(drafter.model, head_token_ids=drafter.head_token_ids, head_weight=drafter.head_weight,
                                 feature_fc=drafter.feature_fc)

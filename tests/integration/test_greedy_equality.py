@@ -24,6 +24,15 @@ pytestmark = pytest.mark.slow
 N_PROMPTS, NEW_TOKENS, MAX_PROMPT_TOKENS, GAMMA = 16, 64, 160, 4
 
 
+@pytest.fixture(scope="module", autouse=True)
+def two_threads():
+    """This module starts no Ray work: its decoding may use both cores (the suite's default is one thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     return load_model(EMBEDDED_TARGET)

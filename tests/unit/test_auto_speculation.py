@@ -5,6 +5,7 @@ Most engines here get a frozen cost model (`CostCurve(..., smoothing=0)`): the p
 on acceptance alone, not on how busy the machine is; one test measures the costs as the engine does at start."""
 
 import json
+import time
 
 import pytest
 from draftsmith.models import derive_drafter, tiny_model
@@ -148,3 +149,56 @@ def test_fixed_gamma_engines_have_no_policy_and_still_count_honestly(target, dra
     assert all(r.stats.draft_length_counts.get(0, 0) > 0 for r in results)  # batch >= 3: speculation off
     assert SpecEngine(runner_for(target.model), None, config=EngineConfig(num_speculative_tokens="auto"),
                       ).policy_snapshot()["steps"] == 0  # nothing can draft: no policy to run
+
+
+def test_a_drafter_catch_up_is_not_charged_as_draft_forwards(target):
+    """A catch-up (here: admission, made slow) is one forward over many positions, not a draft forward: the
+    drafter's cost curve must not absorb it, or a probe after a long autoregressive stretch would keep the
+    drafter off."""
+    costs = flat_costs()
+    costs.drafter.smoothing = 1.0  # every observation replaces the nearest point
+    engine = auto_engine(target, runner_for(None, derive_drafter(target, [0])), batch=1, costs=costs)
+    plain = engine.proposer.catch_up
+
+    def slow_catch_up(rows, max_lag):
+        before = engine.proposer.lengths[rows.slots]
+        ran = plain(rows, max_lag)
+        if engine.proposer.lengths[rows.slots] != before:  # it ran
+            time.sleep(0.3)
+        return ran
+
+    engine.proposer.catch_up = slow_catch_up
+    result = engine.generate([Request("a", PROMPTS[1], SamplingParams(max_tokens=6))])[0]
+    assert result.stats.drafted > 0
+    assert costs.drafter(1) < 0.1
+
+
+def test_a_failed_drafter_swap_changes_nothing(target, drafters, monkeypatch):
+    """Measuring the new drafter's cost curve fails: the engine keeps its drafter, version, proposer and policy."""
+    engine = auto_engine(target, drafters["layer0"], batch=2)
+    before = (engine.drafter, engine.drafter_version, engine.proposer, engine.auto.policy.drafter_key,
+              engine.auto.policy.costs.drafter)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr("draftsmith.auto_speculation.drafter_curve", fail)
+    with pytest.raises(RuntimeError):
+        engine.set_drafter(drafters["feature"], "v2")
+    assert (engine.drafter, engine.drafter_version, engine.proposer, engine.auto.policy.drafter_key,
+            engine.auto.policy.costs.drafter) == before
+    assert engine.generate([Request("a", PROMPTS[1], SamplingParams(max_tokens=8))])[0].output_token_ids == \
+        autoregressive(target, [PROMPTS[1]], max_tokens=8)[0]
+
+
+def test_lookup_is_timed_on_its_slowest_case_no_match(monkeypatch):
+    """The timed context must hold distinct tokens (one generator, not one reseeded per token)."""
+    from draftsmith import cost_profile
+    from draftsmith.prompt_lookup import lookup_proposal
+
+    seen = []
+    monkeypatch.setattr(cost_profile, "lookup_proposal", lambda tokens, **kw: seen.append(tokens) or [])
+    assert cost_profile.lookup_seconds_per_row(context=64, repeats=1) >= 0
+    tokens = seen[0]
+    assert len(tokens) == 64 and len(set(tokens)) > 32
+    assert lookup_proposal(tokens, min_n=1, max_n=3, count=8) == []

@@ -31,6 +31,10 @@ def test_the_demo_starts_from_a_feature_drafter_with_lookup_and_auto_speculation
 
 def test_engine_settings_follow_the_demo_sizes_and_the_engine_rules():
     assert DemoConfig(gamma=3).engine_settings()["num_speculative_tokens"] == 3
+    # the context leaves room for the longest draft a step verifies plus its bonus token (auto's cap too)
+    for cfg, longest in ((DemoConfig(gamma=32), 32),
+                         (DemoConfig(gamma="auto", engine={"auto_max_speculative_tokens": 32}), 32)):
+        assert cfg.engine_settings()["max_model_len"] == cfg.max_prompt_tokens + cfg.max_tokens + longest + 1
     with pytest.raises(ValueError, match="follows the demo's sizes"):
         DemoConfig(engine={"max_batch_size": 2})
     with pytest.raises(ValueError, match="prompt_lookup_min"):

@@ -94,3 +94,28 @@ def test_end_of_sequence_with_stop_strings_keeps_the_last_steps_text(target):
     output = got.output_token_ids
     assert got.finish_reason == "stop" and output[-1] == eos
     assert got.text == _decode(target)([t for t in output if t != eos])
+
+
+def test_the_earliest_stop_string_cuts_whatever_its_place_in_the_list():
+    """One token completing two stop strings: the text ends before the one that begins first."""
+    vocab = ["ab", "xcdyefz", "q"]
+    detokenizer = IncrementalDetokenizer(lambda ids: "".join(vocab[i] for i in ids), stops=("ef", "cd"))
+    assert not detokenizer.add(0)
+    assert detokenizer.add(1)
+    assert detokenizer.stopped == "abx"
+
+
+def test_a_stop_string_completed_by_the_last_allowed_token_stops_and_cuts(target):
+    """The old engine applied max_tokens first: finish_reason 'length' and the stop string left in the text."""
+    decode = _decode(target)
+    output = _text_engine(target).generate([Request("a", [5, 6, 7], SamplingParams(max_tokens=30))])[0].output_token_ids
+    for n in range(10, 30):  # a token that completes a 2-character stop string seen nowhere before it
+        text, before = decode(output[:n]), decode(output[:n - 1])
+        if "\ufffd" not in text and len(text) > len(before) and text[-2:] not in before:
+            break
+    stop = text[-2:]
+    chunks = list(_text_engine(target).stream(Request("b", [5, 6, 7], SamplingParams(max_tokens=n, stop=(stop,)))))
+    result = chunks[-1].result
+    assert result.output_token_ids == output[:n]
+    assert result.finish_reason == "stop" and result.text == text[:-2]
+    assert "".join(c.text_delta for c in chunks) == text[:-2]

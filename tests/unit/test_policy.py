@@ -78,8 +78,8 @@ def test_rows_keep_within_their_cap_and_lookup_within_its_match():
     tried[:4] = [400.0] * 4
     accepted[:4] = [380.0] * 4
     policy = SpeculationPolicy(_flat_costs(), est, drafter_key=KEY, lookup_enabled=True)
-    plan = policy.choose([RowState(cap=2), RowState(cap=32, lookup_tokens=3), RowState(cap=0)])
-    assert plan.gammas[0] == 2 and plan.proposers[0] == DRAFTER
+    plan = policy.choose([RowState(cap=3), RowState(cap=32, lookup_tokens=3), RowState(cap=0)])
+    assert plan.gammas[0] == 3 and plan.proposers[0] == DRAFTER
     assert plan.gammas[1] == 3 and plan.proposers[1] == LOOKUP
     assert plan.gammas[2] == 0 and plan.proposers[2] == NONE
 
@@ -142,3 +142,35 @@ def test_cost_curve_interpolates_and_follows_observations():
         CostCurve({0: 0.01})
     with pytest.raises(ValueError):
         CostCurve({1: math.nan})
+
+
+def test_a_probe_keeps_explicit_lengths_as_the_best_plan_had_them():
+    """A lookup probe must not take the drafter (or anything) away from a row that asked for 3 tokens."""
+    est = _trained([0.9] * 8)
+    tried, accepted = est._counts(LOOKUP)
+    tried[:4] = [400.0] * 4  # lookup never accepted: the best plan leaves it out
+    est.steps_since_tried[LOOKUP] = 5
+    policy = SpeculationPolicy(_flat_costs(), est, drafter_key=KEY, lookup_enabled=True, probe_interval=5)
+    plan = policy.choose([RowState(cap=32, fixed_gamma=3), RowState(cap=32, lookup_tokens=2)])
+    assert plan.probe
+    assert plan.gammas == (3, 1) and plan.proposers == (DRAFTER, LOOKUP)
+
+
+def test_the_drafter_is_priced_for_as_many_forwards_as_the_longest_row():
+    """The drafter drafts for every row as long as the longest, a lookup row's included."""
+    costs = _flat_costs()
+    policy = SpeculationPolicy(costs, _trained([0.9] * 8), drafter_key=KEY, lookup_enabled=True)
+    plan = policy._priced([(4, LOOKUP, 2.0), (1, DRAFTER, 1.5)], ar=1.0)
+    assert plan.predicted_tokens_per_s == pytest.approx(3.5 / costs.step_seconds(2, 5, 1, 4, 2))
+
+
+def test_the_autoregressive_baseline_pays_lookup_too():
+    """With lookup enabled every step looks up, drafting or not: a costly lookup is no reason not to use it."""
+    est = AcceptanceEstimates(decay=1.0)
+    tried, accepted = est._counts(LOOKUP)
+    tried[:4], accepted[:4] = [400.0] * 4, [120.0] * 4
+    costs = CostModel(CostCurve({1: 0.030, 8: 0.031, 64: 0.040}), lookup_seconds_per_row=0.030)
+    policy = SpeculationPolicy(costs, est, lookup_enabled=True)
+    assert policy.autoregressive_tokens_per_s(1) == pytest.approx(1 / 0.060)
+    plan = policy.choose([RowState(cap=32, lookup_tokens=1)])
+    assert plan.proposers == (LOOKUP,) and plan.predicted_speedup > 1.0

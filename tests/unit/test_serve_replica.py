@@ -185,6 +185,50 @@ def test_a_second_check_during_a_load_does_not_load_again():
     assert loads == ["v1"] and installed == ["v1"] and watcher.swaps == 1
 
 
+class _BusyEngine:
+    """An engine whose one step lasts until released, recording the drafters it is given."""
+
+    def __init__(self):
+        self.stepping, self.release, self.drafters = threading.Event(), threading.Event(), []
+
+    def has_work(self):
+        return not self.release.is_set()
+
+    def step(self):
+        self.stepping.set()
+        assert self.release.wait(30)
+        return []
+
+    def set_drafter(self, runner, version):
+        self.drafters.append(version)
+
+
+def test_a_swap_that_timed_out_never_runs_later(monkeypatch):
+    """A swap the watcher gave up on (SWAP_TIMEOUT_S) is recorded as refused; its command stayed queued and
+    used to run once the engine was free, so the replica served a drafter it called refused."""
+    from serve import drafter_watcher
+    from serve.engine_loop import EngineLoop
+
+    monkeypatch.setattr(drafter_watcher, "SWAP_TIMEOUT_S", 0.2)
+    engine = _BusyEngine()
+    loop = EngineLoop(engine)
+    loop.start()
+    try:
+        assert engine.stepping.wait(10)
+        ref = DrafterRef("v2", lambda target: "drafter-v2", "v2")
+        watcher = drafter_watcher.DrafterWatcher(
+            target=None, install=loop.set_drafter, runner_for=lambda d: d,
+            source_factory=lambda spec, **_: type("Source", (), {"spec": spec, "current": lambda self: ref})(),
+            source_options={}, metrics=ReplicaMetrics(), model_name="m", spec="v2", poll_interval_s=3600)
+        assert watcher.check() == "none" and "TimeoutError" in watcher.refused["v2"]
+        engine.release.set()
+        loop.set_drafter(None, "later").result(timeout=10)  # commands run in order: the timed-out one has too
+        assert engine.drafters == ["later"]
+    finally:
+        engine.release.set()
+        loop.stop()
+
+
 # ----- what a replica reports: the response's figures, the record, the metrics ---------------------------
 def _serve_requests(engine: dict, requests: list[GenerateRequest], drafter: str | None = None):
     """Run `requests` one after the other through a replica without Ray; returns ({id: (text, Finish)},

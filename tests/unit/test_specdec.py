@@ -360,3 +360,18 @@ def test_speculation_switches_off_for_large_batches_and_back_on(target, drafters
 def test_engine_config_refuses_a_negative_batch_threshold():
     with pytest.raises(ValueError, match="disable_speculation_at_batch"):
         EngineConfig(disable_speculation_at_batch=-1)
+
+
+@pytest.mark.parametrize("drafter_name", ["layer0", "feature"])
+def test_rows_of_different_draft_lengths_at_the_context_limit(target, drafters, drafter_name):
+    """A request that drafts nothing, with max_tokens at its limit, beside one drafting 4: the verification
+    (padded to the widest draft) and the drafter's draft forwards must stay inside the cache."""
+    max_len, prompt = 32, list(range(30, 56))
+    short = Request("ar", prompt, SamplingParams(max_tokens=max_len - len(prompt) - 1), num_speculative_tokens=0)
+    drafting = Request("spec", PROMPTS[0], SamplingParams(max_tokens=20), num_speculative_tokens=4)
+    expected = outputs(engine(target, None, 0), [prompt], max_tokens=short.params.max_tokens)
+    expected += outputs(engine(target, None, 0), [PROMPTS[0]], max_tokens=20)
+    got = engine(target, drafters[drafter_name], 4, max_model_len=max_len).generate([short, drafting])
+    assert [r.output_token_ids for r in got] == [r.output_token_ids for r in expected]
+    assert [r.finish_reason for r in got] == ["length", "length"]
+    assert got[1].stats.drafted > 0 and got[0].stats.drafted == 0

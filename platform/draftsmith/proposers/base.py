@@ -81,6 +81,9 @@ class Proposer:
 
     name = ""
     speculates = True  # False: proposes nothing, so requests admitted with it decode autoregressively
+    # Seconds the last `propose` spent catching a cache up rather than drafting (0: none): the speculation
+    # policy's drafter cost is per draft forward, which a catch-up after a long autoregressive stretch is not.
+    last_catch_up_seconds = 0.0
 
     def propose(self, rows: Rows, gammas: Sequence[int]) -> Draft:
         """Up to gammas[b] tokens for row b (0 = none)."""

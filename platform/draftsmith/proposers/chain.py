@@ -31,9 +31,11 @@ class LookupThenDrafter(Proposer):
 
     def propose_planned(self, rows: Rows, gammas: Sequence[int], found: Sequence[list[int]] | None) -> Draft:
         found = found or [[] for _ in gammas]
+        self.last_catch_up_seconds = 0.0
         if not self.drafter.speculates or all(f or not g for f, g in zip(found, gammas)):
             return self.lookup.overlay(Draft.zeros(rows, max(map(len, found)), self.lookup.view), found)
         draft = self.drafter.propose(rows, [len(f) or g for f, g in zip(found, gammas)])
+        self.last_catch_up_seconds = self.drafter.last_catch_up_seconds
         return self.lookup.overlay(draft, found)
 
     def commit(self, rows: Rows, draft: Draft, accepted: Sequence[int]) -> None:

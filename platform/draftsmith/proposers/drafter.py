@@ -6,7 +6,8 @@ hold. Positions past it may hold anything (drafted tokens, approximate entries) 
 they are read. With T = len(tokens) (the target cache holds T - 1 positions):
 
 - before drafting, rows lacking more than `max_lag` positions are caught up in one exact forward
-  (admission, a drafter swap, steps decoded without this drafter, lookup tokens verified instead of its own);
+  (admission, a drafter swap, steps decoded without this drafter, lookup tokens verified instead of its own),
+  whose seconds `last_catch_up_seconds` reports apart from the drafting's;
 - the first draft forward feeds each row a window ending at its last real position (re-feeding cached
   positions rewrites them with the same values and keeps the batch rectangular) and yields draft 1; each
   later forward feeds the previous draft; after drafting the exact prefix is `drafted_length(T, G)`;
@@ -23,6 +24,7 @@ Not here: choosing between drafters and prompt lookup (chain.py), verification (
 
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 import torch
@@ -41,6 +43,7 @@ class DrafterProposer(Proposer):
         self.view = view
         self.cache = runner.new_cache(view.slots, view.max_len)
         self.lengths = [0] * view.slots  # exact prefix of each slot's cache (see module doc)
+        self.last_catch_up_seconds = 0.0
 
     # ----- the rules a subclass sets -------------------------------------------------------------
     def max_lag(self, shortest: int, gamma: int) -> int:
@@ -59,7 +62,12 @@ class DrafterProposer(Proposer):
     def propose(self, rows: Rows, gammas: Sequence[int]) -> Draft:
         gamma, device, slots = max(gammas), self.view.device, rows.slots
         totals = [len(t) for t in rows.tokens]
-        self.catch_up(rows, self.max_lag(min(totals), gamma))
+        start = time.perf_counter()
+        if self.catch_up(rows, self.max_lag(min(totals), gamma)):
+            self.view.device.type == "cuda" and torch.cuda.synchronize(self.view.device)
+            self.last_catch_up_seconds = time.perf_counter() - start
+        else:
+            self.last_catch_up_seconds = 0.0
         lengths = self.lengths[slots]
         width = max(1, max(t - self.shift - n for t, n in zip(totals, lengths)))
         ids = torch.tensor([t[-width:] for t in rows.tokens], device=device)
@@ -75,7 +83,10 @@ class DrafterProposer(Proposer):
             tokens.append(token)
             probs.append(prob)
             if i < gamma - 1:
-                logits, carry = self._forward(token[:, None], (ends + i)[:, None], slots, carry)
+                # A row drafting fewer tokens than the widest pads past its length: clamp into the cache
+                # (commit keeps only its accepted positions, all inside the context).
+                positions = (ends + i).clamp(max=self.view.max_len - 1)
+                logits, carry = self._forward(token[:, None], positions[:, None], slots, carry)
         for slot, total in zip(range(slots.start, slots.stop), totals):
             self.lengths[slot] = self.drafted_length(total, gamma)
         draft_probs = None if rows.sampling is None else torch.stack(probs, dim=1)
@@ -92,14 +103,14 @@ class DrafterProposer(Proposer):
     def release_slot(self, slot: int) -> None:
         self.lengths[slot] = 0
 
-    def catch_up(self, rows: Rows, max_lag: int) -> None:
+    def catch_up(self, rows: Rows, max_lag: int) -> bool:
         """If a row lacks more than max_lag positions, feed every row's missing ones in one exact forward;
-        every row then holds T - 1 exact positions."""
+        every row then holds T - 1 exact positions. Returns whether it ran."""
         slots, device = rows.slots, self.view.device
         lengths = self.lengths[slots]
         lag = [len(t) - 1 - n for t, n in zip(rows.tokens, lengths)]
         if max(lag) <= max_lag:
-            return
+            return False
         width = max(lag)
         ids = torch.zeros(len(rows), width, dtype=torch.long)
         for i, (tokens, n) in enumerate(zip(rows.tokens, lengths)):
@@ -113,6 +124,7 @@ class DrafterProposer(Proposer):
                                   features=self.features_at(slots, positions))
         for slot, tokens in zip(range(slots.start, slots.stop), rows.tokens):
             self.lengths[slot] = len(tokens) - 1
+        return True
 
     # ----- internals ---------------------------------------------------------------------------------
     def _forward(self, ids, positions, slots, features, *, logits_at=None, exact=False):

@@ -12,10 +12,9 @@ from typing import Sequence
 
 import torch
 
+from draftsmith.policy import LOOKUP
 from draftsmith.prompt_lookup import lookup_proposal
 from draftsmith.proposers.base import Draft, EngineView, Proposer, Rows
-
-LOOKUP = "lookup"
 
 
 class LookupProposer(Proposer):
