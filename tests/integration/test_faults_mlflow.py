@@ -30,10 +30,13 @@ NAME = "faults-drafter"
 
 
 async def _answer(pair, prompt_ids: list[int]) -> dict:
+    """One greedy answer with an explicit draft length: the drafter must really draft (auto may switch an
+    untrained one off)."""
     from serve.pair_protocol import GenerateRequest
 
     final = None
-    async for chunk in pair._run(GenerateRequest("r", prompt_ids, max_tokens=8, temperature=0, log=False)):
+    async for chunk in pair._run(GenerateRequest("r", prompt_ids, max_tokens=8, temperature=0, log=False,
+                                               num_speculative_tokens=3)):
         assert chunk.error is None, chunk
         final = chunk.finish
     return {"usage": final.usage, "draftsmith": final.draftsmith}
