@@ -5,7 +5,9 @@ long), 64 new tokens each, EOS ignored so every token is compared. The reference
 `generate(do_sample=False)` at batch 1, computed once per prompt and shared by every case. Each drafting
 method runs at engine batch 1 and 8: a token drafter cut from the target (`derived:`), an untrained feature
 drafter (`feature:`, it drafts and is mostly rejected), prompt lookup alone, and a drafter under a layer-parallel
-plan (`layer_parallel.install`, groups 1,2,1). Every case also checks that the method really drafted.
+plan (`layer_parallel.install`, groups 1,2,1). Every case also checks that the method really drafted. The batch-1
+cases decode the 16 prompts one after another and take minutes on a 2-core CPU: they are `heavy` (`make
+test-heavy`); `make test` runs the batch-8 cases.
 """
 
 from __future__ import annotations
@@ -82,22 +84,22 @@ def _drafter(smollm2, method: str):
 
 
 @pytest.mark.timeout(1200)  # the first case also computes the shared transformers reference (16 x 64 tokens)
+@pytest.mark.parametrize("batch", [8, pytest.param(1, marks=pytest.mark.heavy)])  # batch 1: make test-heavy
 @pytest.mark.parametrize("method", ["token drafter", "feature drafter", "prompt lookup", "layer-parallel"])
-def test_greedy_speculative_equals_transformers_generate(smollm2, prompts, reference, target_runner, method):
+def test_greedy_speculative_equals_transformers_generate(smollm2, prompts, reference, target_runner, method, batch):
     drafter = _drafter(smollm2, method)
     lookup = {"prompt_lookup_max": 3, "prompt_lookup_min": 1} if method == "prompt lookup" else {}
-    for batch in (1, 8):
-        engine = SpecEngine(target_runner, drafter, eos_token_ids=smollm2.eos_token_ids,
-                            config=EngineConfig(num_speculative_tokens=GAMMA, max_batch_size=batch, max_model_len=512,
-                                                topk_logprobs=0, **lookup))
-        results = engine.generate([Request(str(i), ids, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
-                                   for i, ids in enumerate(prompts)])
-        mismatched = [i for i, (r, ref) in enumerate(zip(results, reference)) if r.output_token_ids != ref]
-        assert not mismatched, (
-            f"{method} at batch {batch}: prompts {mismatched} differ from generate(); first: "
-            f"{results[mismatched[0]].output_token_ids} vs {reference[mismatched[0]]}")
-        drafted = sum(r.stats.drafted for r in results)
-        assert drafted > 0, f"{method} at batch {batch} never drafted"
-        if method == "prompt lookup":
-            assert sum(r.stats.lookup_drafted for r in results) == drafted
-        print(f"{method} batch {batch}: drafted {drafted}, accepted {sum(r.stats.accepted for r in results)}")
+    engine = SpecEngine(target_runner, drafter, eos_token_ids=smollm2.eos_token_ids,
+                        config=EngineConfig(num_speculative_tokens=GAMMA, max_batch_size=batch, max_model_len=512,
+                                            topk_logprobs=0, **lookup))
+    results = engine.generate([Request(str(i), ids, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
+                               for i, ids in enumerate(prompts)])
+    mismatched = [i for i, (r, ref) in enumerate(zip(results, reference)) if r.output_token_ids != ref]
+    assert not mismatched, (
+        f"{method} at batch {batch}: prompts {mismatched} differ from generate(); first: "
+        f"{results[mismatched[0]].output_token_ids} vs {reference[mismatched[0]]}")
+    drafted = sum(r.stats.drafted for r in results)
+    assert drafted > 0, f"{method} at batch {batch} never drafted"
+    if method == "prompt lookup":
+        assert sum(r.stats.lookup_drafted for r in results) == drafted
+    print(f"{method} batch {batch}: drafted {drafted}, accepted {sum(r.stats.accepted for r in results)}")
