@@ -1,21 +1,27 @@
 """The distillation job: traffic log -> Ray Train (DDP or DeepSpeed) -> challenger drafter in the registry.
 
 Driver side (`run_distill`): optionally defers when Serve is busy (`serve.load.serving_load`), builds the
-train / held-out split of one target's traffic (draftsmith.distill_data), resolves the starting drafter
+train / held-out split of one target's traffic and narrows its training side to the recency window plus
+replayed older records (draftsmith.distill_data, `window:`), resolves the starting drafter
 (the registry's champion, a local directory, or a derivation from the target), stages both for the
 workers, runs a `TorchTrainer` with the scaling, strategy, checkpointing and failure policy of the
 typed config, then saves the challenger as an HF drafter directory and registers it (alias
-`challenger`). Worker side (`train_loop_per_worker`): reads only its config dict, wraps the student
-for DDP or DeepSpeed and runs THE training loop, `draftsmith.distill.train` (data order, steps), with
-callbacks that checkpoint every N steps through `ray.train.report`, log to MLflow from rank 0 only
-(`MlflowRunLogger`) and inject a fault when testing; it resumes from `ray.train.get_checkpoint()`.
+`challenger`), tagged with its held-out time and the window it learnt from (`window_tags`). Run as a Ray
+Job, it refuses relative local paths (`refuse_relative_paths`: the driver runs in its uploaded copy of the
+working dir, which has no `.state`). Worker side
+(`train_loop_per_worker`): reads only its config dict, wraps the student for DDP or DeepSpeed and runs
+THE training loop, `draftsmith.distill.train` (data order, steps), with callbacks that checkpoint every
+N steps through `ray.train.report`, log to MLflow from rank 0 only (`MlflowRunLogger`) and inject a
+fault when testing; it resumes from `ray.train.get_checkpoint()`.
 
 Not here: the algorithm and its settings (draftsmith.distill.DistillConfig, nested here as `train:`),
-the dataset and its held-out split (draftsmith.distill_data), evaluation and the promotion gate
-(jobs/evaluate.py, draftsmith.registry), deciding when to distill (pipelines/trigger.py).
+the dataset, its held-out split and the window rule (draftsmith.distill_data, `RecencyWindow` nested here
+as `window:`), evaluation and the promotion gate (jobs/evaluate.py, draftsmith.registry), deciding when
+to distill (pipelines/trigger.py).
 
-Run: `ray job submit --working-dir . -- python -m jobs.distill --config infra/distill.yaml`, or
-`draftsmith distill --config ...`, or `run_distill(DistillJobConfig(...))` from Python.
+Run: `ray job submit --working-dir . -- python -m jobs.distill --config infra/distill.yaml --set
+traffic_uri=$PWD/.state/traffic --set state_dir=$PWD/.state` (absolute paths: see above), or `draftsmith distill
+--config ...`, or `run_distill(DistillJobConfig(...))` from Python.
 """
 
 from __future__ import annotations
@@ -30,14 +36,17 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from draftsmith.distill import DistillConfig
+from draftsmith.distill_data import RecencyWindow
+from draftsmith.local_paths import PathKind, relative_local_path
 from jobs.distill_worker import DRAFTER_SUBDIR, MlflowRunLogger, train_loop_per_worker
 
 logger = logging.getLogger(__name__)
+
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -64,7 +73,13 @@ class DistillJobConfig(BaseModel):
     traffic_uri: str = Field(".state/traffic", description="traffic log root (local path, file://, s3://, ...)")
     since: dt.datetime | None = Field(None, description="first record time (inclusive, timezone-aware)")
     until: dt.datetime | None = Field(None, description="end of the window (exclusive, timezone-aware)")
-    heldout_fraction: float = Field(0.1, ge=0, lt=1, description="most recent fraction held out for evaluation")
+    heldout_fraction: float = Field(
+        0.1, ge=0, lt=1, description="most recent fraction held out for evaluation (of the window's span plus "
+                                     "its held-out part when `window` limits it, else of all selected traffic)")
+    window: RecencyWindow = Field(
+        default_factory=RecencyWindow,
+        description="the recency window over the training records and the replayed share of older ones "
+                    "(draftsmith.distill_data.RecencyWindow); both limits unset: all traffic")
     sources: list[str] | None = Field(None, description="record sources to use (served, backfill); all if unset")
     # models
     target: str = Field("smollm2-135m-instruct", description="target model spec (preset, HF dir, .gguf)")
@@ -105,6 +120,12 @@ class DistillJobConfig(BaseModel):
         None, description="defer (status 'deferred') while serving load, Serve's ongoing requests per SpecPair "
                           "replica (serve.load.serving_load), exceeds this")
     fault_injection: FaultInjection | None = Field(None, description="testing only")
+
+    def local_paths(self) -> dict[str, tuple[str | None, PathKind]]:
+        """The fields that may name a local path, with how each is read (`draftsmith.local_paths.relative_local_path`)."""
+        return {"traffic_uri": (self.traffic_uri, "uri"), "state_dir": (self.state_dir, "dir"),
+                "output_dir": (self.output_dir, "dir"), "tracking_uri": (self.tracking_uri, "tracking"),
+                "registry_uri": (self.registry_uri, "tracking")}
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike | None, overrides: dict[str, Any] | None = None) -> "DistillJobConfig":
@@ -189,12 +210,64 @@ def _train_output_ids(dataset) -> list[list[int]]:
     return dataset["output_token_ids"]
 
 
+WINDOW_TAGS = ("window_start", "window_end", "window_records", "replay_records", "replay_start", "replay_end")
+
+
+def window_tags(stats: dict) -> dict[str, str]:
+    """The registry tags that say which records a version learnt from, from `build_distill_dataset`'s stats:
+    the window's first / last record time and record count, and the replayed records' count and time range
+    (ISO times; "" when there is none)."""
+    return {key: "" if stats.get(key) is None else str(stats[key]) for key in WINDOW_TAGS}
+
+
+def window_params(window: RecencyWindow, stats: dict) -> dict[str, Any]:
+    """MLflow params of the training run: the window's settings and what it selected. The settings are
+    prefixed `window.` since `window_records` is also the selected count."""
+    settings = {f"window.{k}": ("" if v is None else v) for k, v in window.model_dump().items()}
+    return {**settings, **window_tags(stats), "window_pool_records": stats.get("window_pool_records", "")}
+
+
+# ------------------------------------------------------------------------------------------- paths in a Ray Job
+
+# The Jobs API sets the first for every job's driver (and strips RAY_JOB_ID from it, which Ray's worker processes
+# carry): either says this process runs as part of a Ray job.
+RAY_JOB_ENV = ("RAY_JOB_CONFIG_JSON_ENV_VAR", "RAY_JOB_ID")
+
+
+def running_as_ray_job(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether this process is a Ray Job's driver (or a Ray worker), from its environment."""
+    environ = os.environ if environ is None else environ
+    return any(environ.get(name) for name in RAY_JOB_ENV)
+
+
+def refuse_relative_paths(job: str, paths: dict[str, tuple[str | None, PathKind]],
+                          environ: Mapping[str, str] | None = None) -> None:
+    """In a Ray Job, raise ValueError naming every field of `paths` that is a relative local path.
+
+    Why: a Ray Job's driver runs in its own copy of the uploaded working_dir, on whichever node the job lands, and
+    the upload leaves out `.state`; a relative `traffic_uri` would silently read an empty log there, a relative
+    `state_dir` write checkpoints and the challenger into a copy that is deleted. Outside a Ray Job the working
+    directory is the user's own, and relative paths mean what they say."""
+    if not running_as_ray_job(environ):
+        return
+    bad = {name: value for name, (value, kind) in paths.items() if relative_local_path(value, kind)}
+    if bad:
+        listed = ", ".join(f"{name}={value!r}" for name, value in bad.items())
+        raise ValueError(
+            f"{job} runs as a Ray Job, whose working directory is its uploaded copy of the working_dir (without "
+            f".state), so these relative paths would name a temporary copy: {listed}. Give each as an absolute path "
+            f"or a URI (e.g. --set {next(iter(bad))}=/absolute/path); `draftsmith trigger` does so for its traffic_uri "
+            f"and for the job configs' relative paths.")
+
+
 def run_distill(cfg: DistillJobConfig, *, load_probe: Callable[[], float] | None = None) -> DistillOutcome:
     """Select traffic, train on Ray Train, save and register the challenger. See the module docstring.
 
     `load_probe` measures serving load for `only_when_serving_load_below` (default
-    `serve.load.serving_load`: ongoing requests per SpecPair replica).
+    `serve.load.serving_load`: ongoing requests per SpecPair replica). In a Ray Job, relative local paths are
+    refused (`refuse_relative_paths`).
     """
+    refuse_relative_paths("jobs.distill", cfg.local_paths())
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -220,7 +293,7 @@ def run_distill(cfg: DistillJobConfig, *, load_probe: Callable[[], float] | None
     data = build_distill_dataset(cfg.traffic_uri, target_id=target.model_id, target_revision=target.revision,
                                  tokenizer_hash=target.tokenizer_hash, since=cfg.since, until=cfg.until,
                                  heldout_fraction=cfg.heldout_fraction,
-                                 sources=tuple(cfg.sources) if cfg.sources else None)
+                                 sources=tuple(cfg.sources) if cfg.sources else None, window=cfg.window)
     if len(data.train) == 0:
         raise ValueError(f"no training traffic for target {target.model_id} ({target.revision}) under "
                          f"{cfg.traffic_uri} in the window [{cfg.since}, {cfg.until}): serve or backfill some")
@@ -233,8 +306,10 @@ def run_distill(cfg: DistillJobConfig, *, load_probe: Callable[[], float] | None
             "tokenizer_hash": target.tokenizer_hash, "traffic_since": window["since"],
             "traffic_until": window["until"], "heldout_since": data.stats["heldout_since"] or "",
             "loss": cfg.train.loss, "parent_version": parent_version or "", "strategy": cfg.strategy,
-            "drafter_kind": drafter.meta.get("kind", "external")}
+            "drafter_kind": drafter.meta.get("kind", "external"), **window_tags(data.stats)}
     run_logger = MlflowRunLogger.start(cfg.tracking_uri, cfg.experiment, run_name, tags) if cfg.tracking_uri else None
+    if run_logger:
+        run_logger.log_params(window_params(cfg.window, data.stats))
     loop_config = {
         "distill": cfg.train.model_dump(mode="json"),
         "train_dir": str(staging / "train"), "drafter_dir": str(staging / "start"), "target": cfg.target,
@@ -242,6 +317,8 @@ def run_distill(cfg: DistillJobConfig, *, load_probe: Callable[[], float] | None
         "checkpoint_every": cfg.checkpoint_every, "log_every": cfg.log_every, "torch_threads": cfg.torch_threads,
         "tracking_uri": cfg.tracking_uri, "run_id": run_logger.run_id if run_logger else None,
         "fault": cfg.fault_injection.model_dump() if cfg.fault_injection else None,
+        # The workers (on the spare node, in their own working dir) read the logged features beside the log.
+        "traffic_uri": cfg.traffic_uri if "://" in cfg.traffic_uri else str(Path(cfg.traffic_uri).resolve()),
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -271,13 +348,15 @@ def run_distill(cfg: DistillJobConfig, *, load_probe: Callable[[], float] | None
     meta_path = out_dir / DRAFTER_META_FILE
     meta = json.loads(meta_path.read_text())
     meta.update(parent_version=parent_version, traffic_window=window, loss=cfg.train.loss, run_name=run_name,
-                training_run_id=run_logger.run_id if run_logger else None)
+                training_run_id=run_logger.run_id if run_logger else None,
+                recency_window={**window_tags(data.stats), "settings": cfg.window.model_dump()})
     meta_path.write_text(json.dumps(meta, indent=2))
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     metrics.update(train_seconds=train_seconds, records=data.stats["records"],
                    train_records=data.stats["train_records"], heldout_records=data.stats["heldout_records"],
                    heldout_excluded=data.stats["heldout_excluded"],
-                   train_output_tokens=data.stats["train_output_tokens"])
+                   train_output_tokens=data.stats["train_output_tokens"],
+                   window_records=data.stats["window_records"], replay_records=data.stats["replay_records"])
     version = None
     if run_logger:
         run_logger.log_metrics({"train_seconds": train_seconds}, step=int(metrics.get("step", 0)))

@@ -6,7 +6,9 @@ What it does: `train_loop_per_worker` reads only its config dict (built by jobs/
 failure, and runs THE training loop, `draftsmith.distill.train`, with callbacks: `_RayTrainReporter`
 reports every `log_every` steps and checkpoints every `checkpoint_every` steps and after the last one
 (where rank 0 also exports the trained drafter), logging to MLflow from rank 0 only (`MlflowRunLogger`);
-`_Fault` makes one worker die once, to test the failure policy.
+`_Fault` makes one worker die once, to test the failure policy. A feature-reading drafter reads the
+target features logged at serve time (`logged_features`: the side files of the traffic log the config
+names as `traffic_uri`, for the train split's records and time span) where the log has them.
 
 What it does not do: choose the data, the starting drafter or the scaling (jobs/distill.py), or define
 the data order and the step (draftsmith.distill).
@@ -111,6 +113,9 @@ def train_loop_per_worker(config: dict) -> None:
         from draftsmith.models import load_model
 
         target_model = load_model(config["target"], device=str(device)).model
+    logged = None
+    if student.reads_target_features and algo.logged_features and config.get("traffic_uri"):
+        logged = logged_features(config["traffic_uri"], data)
     deepspeed = config["strategy"] == "deepspeed"
     if deepspeed:
         import deepspeed as ds
@@ -147,12 +152,38 @@ def train_loop_per_worker(config: dict) -> None:
     if mlflow and start == 0:
         mlflow.log_params({**config["distill"], "strategy": config["strategy"], "num_workers": world,
                            "total_steps": total_steps(algo, len(data), world), "train_records": len(data)})
+        if logged is not None:
+            mlflow.log_params({"logged_feature_records": len(logged),
+                               "logged_feature_problems": "; ".join(f"{p}: {r}" for p, r in logged.problems)
+                               or "none"})
     callbacks = [_RayTrainReporter(student, model, optimizer, rank, world, deepspeed, config, mlflow)]
     if config.get("fault"):
         callbacks.insert(0, _Fault(rank, config["fault"]))
     train(student, data, algo, model=model, step_fn=step_fn, target_model=target_model, device=device, rank=rank,
           world=world, start_step=start, tokens_per_worker=tokens_seen, report_every=config["log_every"],
-          checkpoint_every=config["checkpoint_every"], callbacks=callbacks)
+          checkpoint_every=config["checkpoint_every"], callbacks=callbacks, logged_features=logged)
+
+
+def logged_features(traffic_uri: str, data):
+    """The index of the features logged for `data`'s records (a train split with request_id and created_at
+    columns), over the side files of the hours its records span; unreadable ones are reported in its
+    `problems` and their records recomputed."""
+    import datetime as dt
+
+    import pyarrow.compute as pc
+
+    from draftsmith.traffic_features import LoggedFeatures
+
+    table = data.data.table if hasattr(data.data, "table") else data.data
+    if table.num_rows == 0:
+        return LoggedFeatures.index(traffic_uri, request_ids=())
+    span = pc.min_max(table["created_at"])
+    since, until = (t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+                    for t in (span["min"].as_py(), span["max"].as_py() + dt.timedelta(microseconds=1)))
+    logged = LoggedFeatures.index(traffic_uri, request_ids=table["request_id"].to_pylist(), since=since, until=until)
+    logger.info("%d of %d training records have logged target features (%d unreadable side files)", len(logged),
+                table.num_rows, len(logged.problems))
+    return logged
 
 
 class _Fault(TrainCallback):

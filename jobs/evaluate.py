@@ -1,6 +1,7 @@
 """Ray job entry point: evaluate a challenger drafter against the champion on its held-out window, then gate.
 
-    ray job submit --working-dir . -- python -m jobs.evaluate --config infra/evaluate.yaml
+    ray job submit --working-dir . -- python -m jobs.evaluate --config infra/evaluate.yaml \
+        --set traffic_uri=$PWD/.state/traffic      # a Ray Job needs absolute local paths
 
 What it does: reads the champion alias the config names ONCE, loads the target, the challenger (a
 registry version or alias) and that champion through `DrafterRegistry`, builds held-out prompts (the
@@ -12,7 +13,10 @@ sampled (`draftsmith.evaluation.evaluate_drafters`), logs the metrics to both ve
 comparison PNG plus the JSON report to the challenger's run, then times both drafters per prompt,
 interleaved (`measure_speed_paired`), and applies the gate (`draftsmith.gate.decide`: promote only if the
 challenger serves strictly faster at the stated confidence, on a paired one-sided Wilcoxon test over
-prompts), recorded on the challenger's tags by `DrafterRegistry.apply_gate`.
+prompts), recorded on the challenger's tags by `DrafterRegistry.apply_gate`. Both versions evaluated are tagged
+`heldout_engine` (`engine_tag`: the engine settings their held-out figures were measured with), so that a served
+figure is compared with them only at the same settings. In a Ray Job it refuses relative local paths
+(`jobs.distill.refuse_relative_paths`).
 
 What it does not do: train (jobs/distill), decide when to run (pipelines/trigger), serve.
 It needs no Ray API: a Ray job runs it as a process on the cluster.
@@ -45,6 +49,7 @@ from draftsmith.evaluation import (
 from draftsmith.gate import GateDecision, decide
 from draftsmith.models import load_drafter, load_model
 from draftsmith.registry import CHAMPION, DEFAULT_MODEL_NAME, DrafterRegistry, DrafterVersion
+from jobs.distill import PathKind, refuse_relative_paths
 
 logger = logging.getLogger(__name__)
 
@@ -89,10 +94,35 @@ class EvaluateConfig(BaseModel):
                                            "promotion.")
     artifact_path: str = Field("evaluation", description="Run artifact folder for the PNG and JSON report.")
 
+    def local_paths(self) -> dict[str, tuple[str | None, PathKind]]:
+        """The fields that may name a local path, with how each is read (draftsmith.local_paths.relative_local_path)."""
+        return {"traffic_uri": (self.traffic_uri, "uri"), "tracking_uri": (self.tracking_uri, "tracking"),
+                "registry_uri": (self.registry_uri, "tracking")}
+
 
 def load_config(path: str | Path | None, overrides: dict | None = None) -> EvaluateConfig:
-    data = yaml.safe_load(Path(path).read_text()) if path else {}
-    return EvaluateConfig(**{**(data or {}), **{k: v for k, v in (overrides or {}).items() if v is not None}})
+    """The config of a YAML file (None: the defaults) with `overrides` (None values ignored), whose dotted keys
+    reach into the nested sections (`{"engine.num_speculative_tokens": 4}`)."""
+    data = (yaml.safe_load(Path(path).read_text()) if path else {}) or {}
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        *sections, name = key.split(".")
+        node = data
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[name] = value
+    return EvaluateConfig(**data)
+
+
+HELDOUT_ENGINE_TAG = "heldout_engine"
+
+
+def engine_tag(engine: EngineConfig) -> str:
+    """The `heldout_engine` tag: the engine settings the held-out figures were measured with, as compact JSON with
+    sorted keys (the serving config, before evaluation fits the context and drops the traffic top-k), so that
+    whoever compares a served figure with them (the trigger's drift check) can verify like with like."""
+    return json.dumps(engine.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
 
 def heldout_since_of(version: DrafterVersion) -> dt.datetime:
@@ -155,6 +185,7 @@ def evaluate_and_gate(cfg: EvaluateConfig, *, report_out: dict | None = None) ->
 
     `report_out`, when given, receives the EvalReport under "report" and the paired timing under "paired".
     """
+    refuse_relative_paths("jobs.evaluate", cfg.local_paths())
     registry = DrafterRegistry(cfg.tracking_uri, cfg.registry_uri, model_name=cfg.model_name)
     challenger = registry.resolve(cfg.challenger)
     champion = registry.get_version_by_alias(cfg.champion_alias)  # read once: the gate compares against it
@@ -191,6 +222,8 @@ def evaluate_and_gate(cfg: EvaluateConfig, *, report_out: dict | None = None) ->
             log_evaluation(registry, champion.version, report.flat_metrics(names[champion.version]), [], "")
         log_evaluation(registry, challenger.version, report.flat_metrics(names[challenger.version]),
                        [png, report_json], cfg.artifact_path)
+        for version in names:  # what their heldout_* metrics were measured with
+            registry.set_tags(version, **{HELDOUT_ENGINE_TAG: engine_tag(cfg.engine)})
     if report_out is not None:
         report_out.update(report=report, paired=paired)
     if cfg.gate == "skip":
@@ -222,10 +255,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-prompts", type=int)
     parser.add_argument("--confidence", type=float)
     parser.add_argument("--gate", choices=["apply", "skip"])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field (YAML value), e.g. --set traffic_uri=/abs/traffic "
+                             "--set engine.num_speculative_tokens=4")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    overrides = {k: v for k, v in vars(args).items() if k != "config"}
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key.strip()] = yaml.safe_load(value)
+    # the named options win over --set
+    overrides.update({k: v for k, v in vars(args).items() if k not in ("config", "set") and v is not None})
     cfg = load_config(args.config, overrides)
     holder: dict = {}
     decision = evaluate_and_gate(cfg, report_out=holder)

@@ -36,11 +36,19 @@ import time
 import httpx
 from tqdm import tqdm
 
-from draftsmith.engine_config import EngineConfig
+from draftsmith.engine_config import EngineConfig, add_config_arguments, config_options
 from draftsmith.ports import free_port
 from serve.config import speculation_arg
 
 logger = logging.getLogger(__name__)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_APP_CONFIG = os.path.join(REPO_ROOT, "infra", "serve.yaml")
+# Engine settings a flag may override; the rest come from the app config (what `serve deploy` would serve).
+ENGINE_FLAGS = ("prompt_lookup_max", "prompt_lookup_min", "auto_max_speculative_tokens",
+                "disable_speculation_at_batch", "prepack_weights")
+# Settings the benchmark derives from its own sizes, never from the app config.
+DERIVED_ENGINE_FIELDS = ("num_speculative_tokens", "max_batch_size", "max_model_len")
 
 
 def concurrency_levels(text: str) -> list[int]:
@@ -58,7 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="draftsmith bench serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--url", help="a running endpoint (http://host:port); default: start one locally")
     p.add_argument("--target", default="tiny", help="target spec (also used to filter prompts and for engine_tok_s)")
-    p.add_argument("--drafter", default="derived:first1", help="drafter source when starting the app")
+    p.add_argument("--app-config", default=DEFAULT_APP_CONFIG,
+                   help="Serve config whose first application's drafter and engine settings the benchmark serves "
+                        "(default: infra/serve.yaml, the serving defaults); flags below override them")
+    p.add_argument("--drafter", default=None, help="drafter source when starting the app (default: the app config's; none: no drafter)")
     p.add_argument("--prompts", default="sharegpt", help="sharegpt | jsonl:PATH")
     p.add_argument("-n", "--num-requests", type=int, default=48)
     p.add_argument("-c", "--concurrency", type=concurrency_levels, default=[8], metavar="N|N1,N2,...",
@@ -79,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-baseline", action="store_true", help="skip the speculation-off runs")
     p.add_argument("--no-engine", action="store_true", help="skip the in-process engine run")
     p.add_argument("--traffic-uri", default=None, help="traffic log when starting the app (default: a temp dir)")
+    add_config_arguments(p, ENGINE_FLAGS)
     return p
 
 
@@ -218,10 +230,36 @@ def _prompts(args, tokenizer) -> list:
     return kept
 
 
+def app_config_args(path: str | None) -> dict:
+    """The `args:` of the first application in a Serve config file ({} without one)."""
+    if not path:
+        return {}
+    import yaml
+
+    with open(path) as f:
+        document = yaml.safe_load(f) or {}
+    applications = document.get("applications") or [{}]
+    return dict(applications[0].get("args") or {})
+
+
 def engine_config(args) -> EngineConfig:
-    """The engine settings of the served app and of the in-process engine alike, so the arms compare."""
-    return EngineConfig(num_speculative_tokens=args.gamma, max_batch_size=args.max_batch_size or max(args.concurrency),
+    """The engine settings of the served app and of the in-process engine alike, so the arms compare: the app
+    config's engine section, then the flags the command line set, then the sizes this benchmark derives."""
+    served = app_config_args(args.app_config).get("engine") or {}
+    settings = {k: v for k, v in served.items() if k in EngineConfig.model_fields and k not in DERIVED_ENGINE_FIELDS}
+    settings.update(config_options(args, ENGINE_FLAGS))
+    return EngineConfig(**settings, num_speculative_tokens=args.gamma,
+                        max_batch_size=args.max_batch_size or max(args.concurrency),
                         max_model_len=args.max_prompt_tokens + args.max_tokens + 64)
+
+
+def resolve_drafter(args) -> None:
+    """`--drafter` unset: the app config's drafter (the serving default); `none`: no drafter (prompt lookup
+    alone, when the engine settings turn it on)."""
+    if args.drafter is None:
+        args.drafter = app_config_args(args.app_config).get("drafter")
+    elif args.drafter == "none":
+        args.drafter = None
 
 
 def _engine_tok_s(args, prompts: list, batched_prompts: list, batch: int) -> tuple[dict, dict]:
@@ -358,6 +396,7 @@ def combine(levels: list[int], runs: dict[str, dict], warmups: dict[str, dict], 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    resolve_drafter(args)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     from serve.app import load_tokenizer
@@ -396,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         report["logged_records"] = (written_after - written_before) if None not in (written_before, written_after) else None
         report["expected_logged_records"] = logged
         report.update({"target": args.target, "drafter": args.drafter if started else None, "gamma": args.gamma,
+                       "engine": engine_config(args).model_dump(mode="json") if started else None,
                        "served_num_speculative_tokens": status.get("num_speculative_tokens"),
                        "policy": status.get("policy"), "torch_threads": args.torch_threads,
                        "max_tokens": args.max_tokens, "temperature": args.temperature, "prompts": args.prompts,

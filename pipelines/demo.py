@@ -4,17 +4,23 @@
     draftsmith down                # stop the Ray cluster and MLflow server the demo left up
 
 What it does, in order (each step is the production path, run locally):
-1. starts a local Ray head (`ray start`, dashboard on loopback) and a real MLflow server (SQLite,
-   local artifacts), recorded in `<state>/services.json` (pipelines/local_services.py);
+1. starts a local Ray head (`ray start`, dashboard on loopback) that serves, a second Ray node that lends
+   spare compute to distillation (`spare_slots` units of `draftsmith_spare` and no CPU, so nothing of
+   serving can land there; `spare_slots: 0` keeps to one node) and a real MLflow server (SQLite, local
+   artifacts), recorded in `<state>/services.json` (pipelines/local_services.py);
 2. registers an untrained drafter derived from the target (by default an EAGLE-style feature drafter,
    `feature:last1`, with a trimmed head) as version 1 and makes it `champion`;
 3. deploys the Serve app (serve/app.py) whose SpecPair replica polls `models:/<name>@champion`, with
-   `num_speculative_tokens: auto` (the speculation policy) and prompt lookup beside the drafter;
+   `num_speculative_tokens: auto` (the speculation policy) and prompt lookup beside the drafter; for a
+   feature drafter it logs the target's features with each record (`traffic.log_features`), and its
+   actors stay off the spare node (serve.config.SERVING_LABEL_SELECTOR);
 4. replays ShareGPT prompts over HTTP with concurrent clients (pipelines/replay.py): first the
    held-out prompts with logging opted out ("before"), then train prompts, logged ("serve");
 5. runs the trigger (pipelines/trigger.py) once: it sees the new records and the idle serving load and
-   submits `jobs.distill && jobs.evaluate` through the Ray Jobs API; the job distills a challenger
-   from the champion on the logged traffic (Ray Train), evaluates it against the champion on the
+   submits `jobs.distill && jobs.evaluate` through the Ray Jobs API, its driver and Ray Train worker
+   asking for `draftsmith_spare` (so they run on the spare node); the job distills a challenger from the
+   champion on the logged traffic (Ray Train; a feature drafter reads the features logged while serving
+   instead of running the target again), evaluates it against the champion on the
    most recent slice and lets the gate promote it; while it runs, a line every `progress_every_s`
    seconds gives its steps, loss, elapsed and time left (pipelines/job_progress.py);
 6. waits for the replica to hot-swap to the new champion (no restart), replays the same held-out
@@ -25,8 +31,9 @@ What it does, in order (each step is the production path, run locally):
    MLflow run, prints the MLflow UI / Ray dashboard / endpoint addresses and leaves them up.
 The last stdout line is one JSON object (requests, failed_requests, token_acceptance_before_swap,
 token_acceptance_after_swap, tok_s_before_swap, tok_s_after_swap, tok_s_autoregressive,
-speedup_before_swap, speedup_after_swap (None when a request failed), warmup, champion_version, plot,
-mlflow_url, ...); tok/s figures are end to end over HTTP.
+speedup_before_swap, speedup_after_swap (None when a request failed), warmup, champion_version,
+job_driver_node_id, spare_node_id, job_ran_on_spare_node, serve_actors_on_spare_node (none expected),
+logged_feature_records, train_seconds, plot, mlflow_url, ...); tok/s figures are end to end over HTTP.
 
 What it does not do: tune anything for you (the sizes are `DemoConfig` fields), or run on a remote
 cluster (infra/ has the manifests for that).
@@ -108,8 +115,13 @@ class DemoConfig(BaseModel):
                                                  "itself (a testing aid for a target on which no drafter can be "
                                                  "faster, such as the random `tiny` one).")
     torch_threads: int = Field(2, ge=1, description="Torch threads of the replica and the training worker.")
-    num_cpus: int = Field(4, ge=1, description="Logical CPUs of the local Ray head (replica 1, trainer 1, "
-                                               "the rest for Serve's own actors).")
+    num_cpus: int = Field(4, ge=1, description="Logical CPUs of the local Ray head, which serves (the replica 1, "
+                                               "the rest for Serve's own actors; the distillation job too when "
+                                               "spare_slots is 0).")
+    spare_slots: int = Field(2, ge=0, description="Units of `draftsmith_spare` on a second local Ray node (no CPU) "
+                             "where the distillation job's driver (1) and its Ray Train worker (1) run, as on a "
+                             "production cluster's spare nodes. Both nodes share this machine's cores. 0: one node, "
+                             "the job on the head's CPUs.")
     serve_port: int = Field(8000, description="HTTP port of the endpoint (another free one if taken).")
     mlflow_port: int = Field(5000, description="MLflow UI port (another free one if taken).")
     dashboard_port: int = Field(8265, description="Ray dashboard port (another free one if taken; not in Ray's "
@@ -120,6 +132,19 @@ class DemoConfig(BaseModel):
     swap_timeout_s: float = Field(300, gt=0, description="Give up waiting for the hot swap after this long.")
     autoregressive_reference: bool = Field(True, description="Also replay held-out prompts with speculation off.")
     leave_up: bool = Field(True, description="Leave Ray, Serve and MLflow running (stop: `draftsmith down`).")
+
+    @field_validator("spare_slots")
+    @classmethod
+    def _driver_and_worker(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("spare_slots 1 holds the job's driver but not its Ray Train worker: use 2 or more "
+                             "(or 0 for one node)")
+        return value
+
+    @property
+    def logs_features(self) -> bool:
+        """A feature drafter trains on the target's features: serving logs them (traffic.log_features)."""
+        return self.drafter.startswith("feature:")
 
     @field_validator("engine")
     @classmethod
@@ -196,7 +221,8 @@ def serve_args(cfg: DemoConfig, state: Path, mlflow_url: str) -> dict:
         "target": cfg.target, "drafter": f"models:/{cfg.model_name}@champion", "mlflow_tracking_uri": mlflow_url,
         "drafter_poll_interval_s": 3.0,
         "engine": {**cfg.engine_settings(), "topk_logprobs": 8},
-        "traffic": {"uri": str(state / "traffic"), "flush_every_records": 64, "flush_every_seconds": 5.0},
+        "traffic": {"uri": str(state / "traffic"), "flush_every_records": 64, "flush_every_seconds": 5.0,
+                    "log_features": cfg.logs_features},
         "placement": {"num_cpus": 1, "torch_threads": cfg.torch_threads},
         "autoscaling": {"enabled": False, "num_replicas": 1},
     }
@@ -205,8 +231,12 @@ def serve_args(cfg: DemoConfig, state: Path, mlflow_url: str) -> dict:
 def write_job_configs(cfg: DemoConfig, state: Path, mlflow_url: str) -> tuple[Path, Path]:
     """The distillation and evaluation configs the trigger's job runs with (jobs/distill.py, jobs/evaluate.py),
     written as plain YAML: this pipeline reaches the jobs through their entry points only. The job starts from
-    the champion (the demo's feature drafter at first) and the gate evaluates at the serving engine settings."""
+    the champion (the demo's feature drafter at first) and the gate evaluates at the serving engine settings. With a
+    spare node, the Ray Train worker asks for the spare resource instead of a CPU (the driver's ask is the trigger's,
+    `trigger_config`)."""
     from draftsmith.distill import DistillConfig
+
+    from pipelines.local_services import SPARE_RESOURCE
 
     traffic = str(state / "traffic")
     algorithm = DistillConfig(wrong_weight=2.0, lr=cfg.distill_lr, max_seq_len=cfg.max_prompt_tokens + cfg.max_tokens,
@@ -215,7 +245,8 @@ def write_job_configs(cfg: DemoConfig, state: Path, mlflow_url: str) -> tuple[Pa
         "traffic_uri": traffic, "heldout_fraction": cfg.heldout_fraction, "target": cfg.target,
         "drafter": f"models:/{cfg.model_name}@champion", "fallback_derivation": None,
         "train": algorithm.model_dump(mode="json", exclude_defaults=True), "num_workers": 1,
-        "resources_per_worker": {"CPU": 1}, "torch_threads": cfg.torch_threads,
+        "resources_per_worker": {SPARE_RESOURCE: 1} if cfg.spare_slots else {"CPU": 1},
+        "torch_threads": cfg.torch_threads,
         "checkpoint_every": max(1, cfg.distill_steps // 3), "log_every": max(1, min(20, cfg.distill_steps // 10)),
         "max_failures": 1, "state_dir": str(state), "tracking_uri": mlflow_url, "model_name": cfg.model_name,
         "experiment": DISTILL_EXPERIMENT, "run_name": DISTILL_RUN_NAME,
@@ -231,6 +262,73 @@ def write_job_configs(cfg: DemoConfig, state: Path, mlflow_url: str) -> tuple[Pa
     for path, data in zip(paths, (distill, evaluate)):
         path.write_text(yaml.safe_dump(data, sort_keys=False))
     return paths
+
+
+def trigger_config(cfg: DemoConfig, state: Path, services, distill_yaml: Path, evaluate_yaml: Path,
+                   min_new_records: int):
+    """The trigger of the demo's one distillation (pipelines/trigger.py): no drift, no interval, submit once
+    `min_new_records` were logged and serving is idle. The job's driver asks for no CPU; with a spare node it asks
+    for one unit of the spare resource, which only the spare node has, so the driver runs there."""
+    from pipelines.local_services import SPARE_RESOURCE
+    from pipelines.trigger import TriggerConfig
+
+    return TriggerConfig(
+        ray_address=services.dashboard_url, traffic_uri=str(state / "traffic"), tracking_uri=services.mlflow_url,
+        model_name=cfg.model_name, state_file=str(state / "trigger.json"), min_new_records=min_new_records,
+        drift_threshold=None, max_serving_load=1.0, ray_cluster_address=services.ray_address,
+        min_interval_minutes=0, distill_config=str(distill_yaml), evaluate_config=str(evaluate_yaml),
+        entrypoint_num_cpus=0, entrypoint_resources={SPARE_RESOURCE: 1} if cfg.spare_slots else {},
+        working_dir=str(REPO_ROOT), python=sys.executable)  # the local cluster runs this environment's interpreter
+
+
+def start_demo_services(cfg: DemoConfig, state: Path):
+    """The Ray head and MLflow server (`start_services`), then the spare node (`start_spare_node`) recorded in the
+    same services file, so that `draftsmith down` stops it with the head.
+
+    The spare node gets a state folder of its own (`<state>/spare`, its log there); like every node it has a Ray
+    temp dir of its own (`local_services.ray_temp_dir`)."""
+    from pipelines.local_services import LocalServices, start_services, start_spare_node, stop_services
+
+    services = start_services(state, num_cpus=cfg.num_cpus, mlflow_port=cfg.mlflow_port,
+                              dashboard_port=cfg.dashboard_port)
+    if not cfg.spare_slots:
+        return services
+    try:
+        node = start_spare_node(state / "spare", head_address=services.ray_address,
+                                dashboard_url=services.dashboard_url, slots=cfg.spare_slots)
+    except Exception:
+        stop_services(state)
+        raise
+    services = LocalServices.read(state) or services
+    services.spare_nodes.append(node)
+    services.write(state)
+    return services
+
+
+def job_placement(client, job_id: str, services) -> dict:
+    """Where the job's driver ran (`JobDetails.driver_node_id`) against the services' spare node: the JSON's
+    `job_driver_node_id`, `spare_node_id`, `job_ran_on_spare_node`."""
+    spare = services.spare_nodes[0].node_id if services.spare_nodes else None
+    try:
+        driver = client.get_job_info(job_id).driver_node_id or None
+    except Exception as error:  # noqa: BLE001 - a figure of the report, not a step of the loop
+        logger.warning("could not read job %s's driver node: %s", job_id, error)
+        driver = None
+    return {"job_driver_node_id": driver, "spare_node_id": spare,
+            "job_ran_on_spare_node": bool(spare) and driver == spare}
+
+
+def serve_actor_placement(dashboard_url: str, spare_node: str | None) -> dict:
+    """The live Serve actors (replicas of every deployment, proxies, the controller) and those on the spare node,
+    which must be none (serve.config.SERVING_LABEL_SELECTOR): the JSON's `serve_actors`,
+    `serve_actors_on_spare_node`."""
+    from ray.util.state import list_actors
+
+    actors = [a for a in list_actors(address=dashboard_url, filters=[("state", "=", "ALIVE")], limit=10_000,
+                                     raise_on_missing_output=False)
+              if a.class_name.startswith("ServeReplica:") or a.class_name in ("ProxyActor", "ServeController")]
+    on_spare = sorted(a.class_name for a in actors if spare_node and a.node_id == spare_node)
+    return {"serve_actors": len(actors), "serve_actors_on_spare_node": on_spare}
 
 
 def _get_json(url: str, *, timeout: float = 10.0, method: str = "GET") -> dict:
@@ -270,7 +368,8 @@ def run_job(trigger, cfg: DemoConfig, mlflow_url: str) -> tuple[str, Any]:
             raise RuntimeError(f"the trigger did not submit within 120 s: {decision.reason}")
         else:
             time.sleep(5)
-    _say(f"distillation job {job_id} submitted through the Ray Jobs API (progress every "
+    where = " for the spare node (its driver and worker ask for draftsmith_spare)" if cfg.spare_slots else ""
+    _say(f"distillation job {job_id} submitted through the Ray Jobs API{where} (progress every "
          f"{cfg.progress_every_s:g} s)")
     with DistillProgress(mlflow_url, DISTILL_EXPERIMENT, DISTILL_RUN_NAME, _say, every_s=cfg.progress_every_s):
         outcome = trigger.wait(job_id, timeout_s=cfg.job_timeout_s, poll_s=min(5.0, cfg.progress_every_s))
@@ -306,9 +405,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     from draftsmith.timeline import format_table, phase_summary, plot_timeline, windows
     from ray import serve
 
-    from pipelines.local_services import start_services, stop_services
+    from pipelines.demo_report import training_run_figures
+    from pipelines.local_services import SPARE_RESOURCE, stop_services
     from pipelines.replay import replay
-    from pipelines.trigger import DistillTrigger, TriggerConfig
+    from pipelines.trigger import DistillTrigger
     from serve.app import build_app
 
     started = time.monotonic()
@@ -326,9 +426,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     train = demo_prompts(target.tokenizer, "train", cfg.train_prompts, cfg.max_prompt_tokens)
     (state / "heldout_prompts.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in heldout))
 
-    _say("starting a local Ray cluster and an MLflow server (SQLite) on 127.0.0.1")
-    services = start_services(state, num_cpus=cfg.num_cpus, mlflow_port=cfg.mlflow_port,
-                              dashboard_port=cfg.dashboard_port)
+    spare_text = (f" (a serving head and a spare node with {cfg.spare_slots} x {SPARE_RESOURCE}, no CPU)"
+                  if cfg.spare_slots else " (one node)")
+    _say(f"starting a local Ray cluster{spare_text} and an MLflow server (SQLite) on 127.0.0.1")
+    services = start_demo_services(cfg, state)
+    spare_node = services.spare_nodes[0].node_id if services.spare_nodes else None
     ray.init(address=services.ray_address, configure_logging=False, log_to_driver=False)
     registry = DrafterRegistry(services.mlflow_url, model_name=cfg.model_name)
     initial = register_initial_drafter(target, registry, cfg, state)
@@ -341,7 +443,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     serve.run(build_app(serve_args(cfg, state, services.mlflow_url)), name=APP_NAME, route_prefix="/")
     wait_for_drafter(base, initial.version, cfg.swap_timeout_s)
     _say(f"serving the OpenAI API at {base}/v1 with drafter v{initial.version} (num_speculative_tokens "
-         f"{cfg.gamma}, engine {cfg.engine})")
+         f"{cfg.gamma}, engine {cfg.engine}{'; logging the target features' if cfg.logs_features else ''})")
 
     # Speculative phases send no num_speculative_tokens: the replica's own (cfg.gamma) applies.
     results = [*sum(measured_phase(base, heldout, warmup, cfg, "before", None), [])]
@@ -351,19 +453,23 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     distill_yaml, evaluate_yaml = write_job_configs(cfg, state, services.mlflow_url)
     logged = sum(r.ok for r in results if r.phase == "serve")
-    trigger = DistillTrigger(TriggerConfig(
-        ray_address=services.dashboard_url, traffic_uri=str(state / "traffic"), tracking_uri=services.mlflow_url,
-        model_name=cfg.model_name, state_file=str(state / "trigger.json"),
-        min_new_records=max(1, int(logged * 0.9)), drift_threshold=None, max_serving_load=1.0,
-        ray_cluster_address=services.ray_address, min_interval_minutes=0, distill_config=str(distill_yaml),
-        evaluate_config=str(evaluate_yaml), entrypoint_num_cpus=0, working_dir=str(REPO_ROOT),
-        python=sys.executable))  # the local cluster runs this environment's interpreter
+    trigger = DistillTrigger(trigger_config(cfg, state, services, distill_yaml, evaluate_yaml,
+                                            min_new_records=max(1, int(logged * 0.9))))
     job_started = time.monotonic()
     job_id, outcome = run_job(trigger, cfg, services.mlflow_url)
     job_seconds = time.monotonic() - job_started
     if outcome.status != "SUCCEEDED":
         raise RuntimeError(f"distillation job {job_id} ended {outcome.status}; its log ends with:\n"
                            f"{outcome.logs_tail}")
+    placement = job_placement(trigger.client(), job_id, services)
+    where = ("the spare node" if placement["job_ran_on_spare_node"] else "the head node" if not spare_node
+             else "NOT the spare node")
+    _say(f"job {job_id}'s driver ran on {where} ({(placement['job_driver_node_id'] or '?')[:12]})")
+    training = training_run_figures(services.mlflow_url, DISTILL_EXPERIMENT, DISTILL_RUN_NAME)
+    if cfg.logs_features:
+        _say(f"training read the features logged at serve time for {training['logged_feature_records']} of "
+             f"{training['train_records']} records (problems: {training['logged_feature_problems']}); "
+             f"training took {training['train_seconds']} s")
     challenger = max(registry.list_versions(), key=lambda v: int(v.version))
     gate_reason = challenger.tags.get("gate_reason", "")
     if cfg.promotion == "always":
@@ -381,6 +487,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     if cfg.autoregressive_reference:
         results += sum(measured_phase(base, heldout, warmup, cfg, "autoregressive", 0), [])
 
+    serving_placement = serve_actor_placement(services.dashboard_url, spare_node)
+    if serving_placement["serve_actors_on_spare_node"]:
+        _say(f"WARNING: Serve actors on the spare node: {serving_placement['serve_actors_on_spare_node']}")
+
     every_row = [r.as_row() for r in results]
     (state / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in every_row))
     rows = [r for r in every_row if not r["phase"].startswith(WARMUP_PREFIX)]  # the timeline: measured + serve
@@ -397,7 +507,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         **phase_figures(cfg, phases, len(warmup), failed),
         "initial_version": initial.version, "champion_version": champion.version, "promoted": promoted,
         "gate_reason": gate_reason, "gate": {k: v for k, v in challenger.tags.items() if k.startswith("gate_")},
-        "job_id": job_id, "job_seconds": round(job_seconds, 1),
+        "job_id": job_id, "job_seconds": round(job_seconds, 1), **placement, "spare_slots": cfg.spare_slots,
+        "log_features": cfg.logs_features, **training, **serving_placement,
         "swap_seconds": None if swap_seconds is None else round(swap_seconds, 1),
         "train_requests_logged": logged, "plot": str(plot), "mlflow_url": services.mlflow_url,
         "ray_dashboard_url": services.dashboard_url, "endpoint": f"{base}/v1",
@@ -438,10 +549,11 @@ def main(argv: list[str] | None = None) -> int:
 
             stop_services(Path(cfg.state_dir).expanduser().resolve())
         raise
-    gain = summary["token_acceptance_after_swap"] - summary["token_acceptance_before_swap"]
-    print(f"\nDrafter v{summary['initial_version']} -> v{summary['champion_version']}: token acceptance "
-          f"{summary['token_acceptance_before_swap']:.3f} -> {summary['token_acceptance_after_swap']:.3f} "
-          f"({gain:+.3f}), {summary['tok_s_before_swap']:.1f} -> {summary['tok_s_after_swap']:.1f} output tok/s "
+    gain = summary["drafter_token_acceptance_after_swap"] - summary["drafter_token_acceptance_before_swap"]
+    print(f"\nDrafter v{summary['initial_version']} -> v{summary['champion_version']}: the drafter's token acceptance "
+          f"{summary['drafter_token_acceptance_before_swap']:.3f} -> {summary['drafter_token_acceptance_after_swap']:.3f} "
+          f"({gain:+.3f}; with prompt lookup's proposals {summary['token_acceptance_before_swap']:.3f} -> "
+          f"{summary['token_acceptance_after_swap']:.3f}), {summary['tok_s_before_swap']:.1f} -> {summary['tok_s_after_swap']:.1f} output tok/s "
           f"(speculation off: {summary['tok_s_autoregressive']} tok/s; after the swap "
           f"{summary['speedup_after_swap']}x of it); {summary['failed_requests']} failed requests.")
     if cfg.leave_up:

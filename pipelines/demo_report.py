@@ -2,10 +2,12 @@
 
 What it does: `phase_figures` turns the per-phase pooled figures (draftsmith.timeline.phase_summary) into the
 JSON fields the demo prints (token acceptance, tok/s and speedups of the arms, how each arm was warmed up),
-`log_demo_run` writes them, the per-window figures and the demo's files to one MLflow run.
+`log_demo_run` writes them, the per-window figures and the demo's files to one MLflow run;
+`training_run_figures` reads back what the distillation job's training run recorded (how many records trained
+on features logged at serve time, the training time).
 
 What it does not do: send requests or measure anything (pipelines/demo.py runs the loop, pipelines/replay.py
-sends the requests, draftsmith.timeline pools them).
+sends the requests, draftsmith.timeline pools them, jobs/distill_worker.py logs the training run).
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ def phase_figures(cfg: DemoConfig, phases: dict, warmup_prompts: int, failed: in
     return {
         "token_acceptance_before_swap": round(before.token_acceptance, 4),
         "token_acceptance_after_swap": round(after.token_acceptance, 4),
+        # The drafter's own proposals (prompt lookup's left out): the mixed figure above also moves when the policy
+        # changes how much each proposer drafts, this one only when the drafter predicts better.
+        "drafter_token_acceptance_before_swap": round(before.drafter_token_acceptance, 4),
+        "drafter_token_acceptance_after_swap": round(after.drafter_token_acceptance, 4),
         "acceptance_rate_before_swap": round(before.acceptance_rate, 4),
         "acceptance_rate_after_swap": round(after.acceptance_rate, 4),
         "mean_accepted_length_before_swap": round(before.mean_accepted_length, 3),
@@ -83,3 +89,33 @@ def log_demo_run(mlflow_url: str, cfg: DemoConfig, groups, summary: dict, files:
         client.log_artifact(run.info.run_id, str(path))
     client.set_terminated(run.info.run_id)
     return run.info.run_id
+
+
+def training_run_figures(mlflow_url: str, experiment: str, run_name: str) -> dict:
+    """What the distillation job's training run (the newest run called `run_name` in `experiment`) recorded: the
+    params `train_records`, `logged_feature_records` (training records whose target features were read from the
+    traffic log instead of recomputed; absent when the drafter reads no features or the job was given no traffic
+    log), `logged_feature_problems` (side files that could not be read, or "none"), and the metrics
+    `train_seconds` (the job's Ray Train fit) and `feature_rows_logged` / `feature_rows_computed` (batch rows whose
+    features came from the log / from the target's forward). Missing ones are None; no run: every value None."""
+    from mlflow import MlflowClient
+
+    keys = ("train_records", "logged_feature_records", "logged_feature_problems", "train_seconds",
+            "feature_rows_logged", "feature_rows_computed")
+    client = MlflowClient(tracking_uri=mlflow_url)
+    found = client.get_experiment_by_name(experiment)
+    runs = found and client.search_runs([found.experiment_id], filter_string=f"attributes.run_name = '{run_name}'",
+                                        order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        return dict.fromkeys(keys)
+    params, metrics = runs[0].data.params, runs[0].data.metrics
+
+    def count(value):
+        return int(value) if value is not None and str(value).lstrip("-").isdigit() else None
+
+    return {"train_records": count(params.get("train_records")),
+            "logged_feature_records": count(params.get("logged_feature_records")),
+            "logged_feature_problems": params.get("logged_feature_problems"),
+            "train_seconds": None if "train_seconds" not in metrics else round(metrics["train_seconds"], 1),
+            **{key: None if key not in metrics else int(metrics[key])
+               for key in ("feature_rows_logged", "feature_rows_computed")}}

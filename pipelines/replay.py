@@ -34,6 +34,8 @@ class ReplayResult:
     drafted: int = 0
     accepted: int = 0
     compared: int = 0
+    lookup_accepted: int = 0  # of accepted / compared, prompt lookup's proposals (the rest: the drafter's)
+    lookup_compared: int = 0
     steps: int = 0  # target verification steps
     emitted_in_steps: int = 0  # tokens those steps emitted (mean accepted length = emitted_in_steps / steps)
     error: str | None = None
@@ -59,6 +61,8 @@ async def _one(client, url: str, payload: dict, headers: dict, result: ReplayRes
         result.drafted = int(figures.get("drafted", 0))
         result.accepted = int(figures.get("accepted", 0))
         result.compared = int(figures.get("compared", 0))
+        result.lookup_accepted = int(figures.get("lookup_accepted") or 0)
+        result.lookup_compared = int(figures.get("lookup_compared") or 0)
         result.steps = int(figures.get("steps", 0))
         result.emitted_in_steps = int(figures.get("emitted_in_steps", 0))
     except Exception as error:  # noqa: BLE001  a failed request is a result, not a crash

@@ -36,7 +36,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from draftsmith.models import DERIVATION_PREFIXES
-from serve.config import ServeAppConfig, parse_app_args, speculation_arg
+from serve.config import SERVING_LABEL_SELECTOR, ServeAppConfig, parse_app_args, speculation_arg
 from serve.logger import TrafficLogger, logging_opted_out
 from serve.protocol import (
     SSE_DONE,
@@ -93,7 +93,9 @@ def _upstream_error(error: BaseException, request_id: str | None = None) -> Prot
                          type="server_error", code="replica_unavailable")
 
 
-@serve.deployment(name="Ingress", max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
+# No CPU (it only tokenizes and forwards), and never on a spare node: see serve.config.SERVING_LABEL_SELECTOR.
+@serve.deployment(name="Ingress", max_ongoing_requests=1000,
+                  ray_actor_options={"num_cpus": 0, "label_selector": dict(SERVING_LABEL_SELECTOR)})
 @serve.ingress(api)
 class Ingress:
     def __init__(self, pair: DeploymentHandle, config: dict):

@@ -27,6 +27,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from draftsmith.engine_config import EngineConfig
 
 
+# Every serving actor (SpecPair replicas, the Ingress, the TrafficLogger) asks for a node WITHOUT the spare-node label
+# (`draftsmith.io/pool=spare`, set by `ray start --labels` on the nodes that lend spare compute to distillation:
+# pipelines/local_services.py, infra/kuberay/, infra/ray-cluster.yaml). "!spare" also matches a node with no such
+# label at all (the head). Why: spare nodes advertise no CPU, which keeps replicas off them, but the Ingress and the
+# logger ask for no CPU either, so Serve's SPREAD placement could put them (and then a proxy) on a spare node, whose
+# cores belong to training and which may be preempted.
+SERVING_LABEL_SELECTOR: dict[str, str] = {"draftsmith.io/pool": "!spare"}
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -47,6 +56,12 @@ class TrafficSettings(_Section):
     flush_every_records: int = Field(256, ge=1, description="The writer flushes a file every N records...")
     flush_every_seconds: float = Field(30.0, gt=0, description="...or every T seconds, whichever comes first.")
     log_text: bool = Field(True, description="Keep prompt/output text; false applies traffic.drop_text.")
+    log_features: bool = Field(
+        False, description="Also log the target's final-normed hidden state (float16) at every position of each "
+        "logged request's prompt + output but the last, in a side file beside its Parquet part "
+        "(draftsmith.traffic_features), so distillation of a feature drafter reads them instead of recomputing "
+        "them. Storage: 2 x the target's hidden size bytes per token. Opt-out and retention apply to them as to "
+        "the record; decoding is unchanged.")
     send_batch_size: int = Field(32, ge=1, description="Most records a replica sends the logger in one call.")
     send_interval_seconds: float = Field(0.5, gt=0, description="Max delay before a replica sends its batch; also "
                                          "how often it asks the logger which records are on storage.")
@@ -181,9 +196,12 @@ class ServeAppConfig(BaseModel):
 
     # ----- Serve options --------------------------------------------------------------------------
     def spec_pair_options(self) -> dict[str, Any]:
-        """Keyword arguments for `SpecPair.options(...)`: resources, placement group, replicas."""
+        """Keyword arguments for `SpecPair.options(...)`: resources, placement group, replicas, and the label
+        selector that keeps the replica off spare nodes (SERVING_LABEL_SELECTOR)."""
         p, a = self.placement, self.autoscaling
         actor: dict[str, Any] = {"num_cpus": p.num_cpus, "num_gpus": p.num_gpus}
+        if not p.bundles:
+            actor["label_selector"] = dict(SERVING_LABEL_SELECTOR)
         env = self.mlflow_env()
         if env and self.drafter and self.drafter.startswith("models:/"):
             actor["runtime_env"] = {"env_vars": env}
@@ -198,6 +216,9 @@ class ServeAppConfig(BaseModel):
         if p.bundles:
             options["placement_group_bundles"] = p.bundles
             options["placement_group_strategy"] = p.strategy
+            # In a placement group the bundles choose the node (the actor goes into bundle 0), so the selector goes
+            # on every bundle: a bundle without CPU ({GPU: 1}) would otherwise fit a spare GPU node.
+            options["placement_group_bundle_label_selector"] = [dict(SERVING_LABEL_SELECTOR) for _ in p.bundles]
         if a.enabled:
             options["autoscaling_config"] = {
                 "min_replicas": a.min_replicas,

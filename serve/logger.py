@@ -1,6 +1,8 @@
 """The traffic logger on the Serve side: records built in the replica, written by one logger actor.
 
-What it does: turns a finished `GenerationResult` into a `TrafficRecord` (`record_from_result`, pure),
+What it does: turns a finished `GenerationResult` into a `TrafficRecord` (`record_from_result`, pure; with
+the target's features when the engine captured them, `traffic.log_features`, which the writer puts in a
+side file beside the part),
 decides per request whether it may be logged (`logging_opted_out`, pure), and runs `TrafficLogger`,
 a Serve deployment (one Ray actor managed by Serve, so it lives and dies with the application) that
 wraps `draftsmith.traffic.TrafficWriter`: replicas send it batches off the request path, it buffers
@@ -31,6 +33,7 @@ from typing import Any, Mapping
 from ray import serve
 
 from draftsmith.traffic import TrafficRecord, TrafficWriter
+from serve.config import SERVING_LABEL_SELECTOR
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +59,19 @@ def record_from_result(result, *, target_id: str, target_revision: str, tokenize
                        created_at: dt.datetime | None = None) -> TrafficRecord:
     """One TrafficRecord from a specdec.GenerationResult and the request's sampling params. Its
     num_speculative_tokens is the longest draft actually verified (drafter or lookup), never a configured
-    gamma: a batch run autoregressively logs 0."""
+    gamma: a batch run autoregressively logs 0. The result's features (captured by the engine with
+    `traffic.log_features`) ride along as float16 numpy; features of an unexpected shape are left out
+    (logged as an error) rather than failing the request."""
     drafter_version = result.drafter_version if result.drafter_version not in (None, "none") else ""
+    features = getattr(result, "features", None)
+    if features is not None:
+        positions = len(result.prompt_token_ids) + len(result.output_token_ids) - 1
+        if len(features.shape) != 2 or features.shape[0] != positions:
+            logger.error("request %s: the engine kept features of shape %s for %d positions; logging the record "
+                         "without them", result.request_id, tuple(features.shape), positions)
+            features = None
+        else:
+            features = features.numpy() if hasattr(features, "numpy") else features  # float16, on the CPU
     return TrafficRecord(
         request_id=result.request_id,
         created_at=created_at or dt.datetime.now(dt.timezone.utc),
@@ -85,10 +99,12 @@ def record_from_result(result, *, target_id: str, target_revision: str, tokenize
         proposer=result.stats.proposer,
         lookup_drafted=int(result.stats.lookup_drafted),
         lookup_accepted=int(result.stats.lookup_accepted),
+        lookup_compared=int(result.stats.lookup_compared),
         finish_reason=result.finish_reason,
         prompt_text=prompt_text,
         output_text=result.text,
         user=user,
+        features=features,
     )
 
 
@@ -149,12 +165,16 @@ class TrafficLoggerImpl:
         return {"received": self.received, "written": w.records_written, "buffered": w.records_buffered,
                 "files": w.files_written, "dropped": w.records_dropped, "failed_flushes": self.failed_flushes,
                 "uri": w.root, "instance": self.instance, "durable_through": w.durable_through,
-                "seconds_since_flush": w.seconds_since_flush, "duplicates_ignored": self.duplicates_ignored}
+                "seconds_since_flush": w.seconds_since_flush, "duplicates_ignored": self.duplicates_ignored,
+                "features_written": w.features_written, "features_bytes": w.features_bytes,
+                "features_failed": w.features_failed}
 
 
-# A short health-check period: a killed logger is noticed and replaced in seconds, not Serve's default 10 s.
+# A short health-check period: a killed logger is noticed and replaced in seconds, not Serve's default 10 s. Never on
+# a spare node (serve.config.SERVING_LABEL_SELECTOR): it asks for no CPU, so only the selector keeps it off one.
 @serve.deployment(name="TrafficLogger", num_replicas=1, max_ongoing_requests=1000,
-                  ray_actor_options={"num_cpus": 0}, health_check_period_s=2.0)
+                  ray_actor_options={"num_cpus": 0, "label_selector": dict(SERVING_LABEL_SELECTOR)},
+                  health_check_period_s=2.0)
 class TrafficLogger(TrafficLoggerImpl):
     """The logger actor: `log_batch` (from replicas, off the request path), `durable()`, `flush()`, `stats()`."""
 

@@ -104,6 +104,7 @@ def speculation_figures(stats, drafter_version: str, speculation: str) -> dict[s
         "policy_off_steps": stats.policy_off_steps, "policy_switched_off": stats.policy_off_steps > 0,
         "drafted": stats.drafted, "accepted": stats.accepted, "compared": stats.compared,
         "lookup_drafted": stats.lookup_drafted, "lookup_accepted": stats.lookup_accepted,
+        "lookup_compared": stats.lookup_compared, "drafter_token_acceptance": stats.drafter_token_acceptance,
         "emitted_in_steps": stats.emitted_in_steps,
         "position_tried": list(stats.position_tried), "position_accepted": list(stats.position_accepted),
         "acceptance_rate": stats.acceptance_rate, "token_acceptance": stats.token_acceptance,

@@ -10,8 +10,9 @@ not taken yet are coalesced into one `Chunk`; the last chunk carries the finish 
 what speculation really did for the request (`speculation_figures`: drafted per step, proposer, the longest
 draft, the steps the policy switched off), or a `ReplicaError` with its code. A finished request is recorded
 in the metrics (per draft position and draft length, and the policy's predicted and measured speedup) and
-becomes a TrafficRecord for the sender; with `confirm_before_response` its final chunk waits until the
-logger has received it.
+becomes a TrafficRecord for the sender (with `traffic.log_features`, carrying the target's features the
+engine kept for it; a request that opts out of the log leaves neither); with `confirm_before_response` its
+final chunk waits until the logger has received it.
 
 What it does not do: HTTP, tokenization or the OpenAI protocol (app.py, protocol.py), decoding math
 (draftsmith.specdec), writing Parquet (logger.py).
@@ -58,9 +59,11 @@ class SpecPairImpl:
         tokenizer = self.target.tokenizer
         target_runner = runner_for(self.target.model, prepack=cfg.engine.prepack_weights)
         split_target(target_runner, cfg.engine.layer_parallel_devices)  # a multi-device pair: the same devices
+        self._logs_features = traffic_logger is not None and cfg.traffic.enabled and cfg.traffic.log_features
         self.loop = EngineLoop(SpecEngine(target_runner, None, config=cfg.engine,
                                           eos_token_ids=self.target.eos_token_ids,
-                                          decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True)))
+                                          decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+                                          capture_features=self.logs_features))
         self.metrics = ReplicaMetrics()
         self.traffic = TrafficSender(traffic_logger, cfg.traffic, self.metrics, cfg.model_name)
         self._redact = (lambda r: r) if cfg.traffic.log_text else drop_text
@@ -74,6 +77,12 @@ class SpecPairImpl:
         if start:
             self.loop.start()
             self.drafters.start()
+
+    @property
+    def logs_features(self) -> bool:
+        """Whether logged records carry the target's features (`traffic.log_features`, with a logger to send
+        them to); the engine captures them only then."""
+        return self._logs_features
 
     def _drafter_runner(self, drafter):
         """The engine's runner for a drafter, with the pair's layer-parallel plan installed when configured."""

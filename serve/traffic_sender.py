@@ -17,6 +17,10 @@ batches from one asyncio task, and keeps these guarantees (the logger's half is 
   never cancelled with one; a sender that dies is restarted by the next request;
 - `flush` sends what is queued, makes the logger write, and before it answers resends what a logger
   replaced since the last send held.
+- features (`traffic.log_features`) travel with the first send only: once the logger has received a
+  record, the copy held for a resend drops them, so what a replica holds stays the size of the records
+  themselves; a record resent after a logger died is logged without features, and training recomputes
+  those.
 
 What it does not do: build or redact records (spec_pair.py), write Parquet (logger.py, draftsmith.traffic).
 """
@@ -28,6 +32,7 @@ import contextvars
 import logging
 import time
 
+from draftsmith.traffic import drop_features
 from serve.config import TrafficSettings
 from serve.metrics import ReplicaMetrics
 
@@ -176,7 +181,7 @@ class TrafficSender:
                 self._send_attempts = 0
                 self.counts["logged_sent"] += len(batch)
                 self._resolve_handoffs(batch)
-                self._unconfirmed.append((ack["instance"], int(ack["seq"]), batch))
+                self._unconfirmed.append((ack["instance"], int(ack["seq"]), [drop_features(r) for r in batch]))
                 self._settle(ack["instance"], ack.get("durable_through"))
 
     def _settle(self, instance: str, durable_through: int | None) -> None:

@@ -45,3 +45,13 @@ def ray_cluster():
     except Exception:  # Serve may never have started
         pass
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`) every `integration` test runs on one worker:
+    the session's Ray cluster and MLflow server start once, and the services tests (which wait on HTTP, Ray
+    and subprocesses much of the time) overlap with the CPU-bound unit and SmolLM2 tests on the other."""
+    for item in items:
+        if item.get_closest_marker("integration"):
+            item.add_marker(pytest.mark.xdist_group("services"))
+

@@ -21,8 +21,10 @@ RAY_COMMANDS = {
     ("backfill",): "pipelines.backfill:main",
     ("bench", "serve"): "pipelines.bench_serve:main",
     ("bench", "distill"): "pipelines.bench_distill:main",
+    ("bench", "shift"): "pipelines.bench_shift:main",
     ("demo",): "pipelines.demo:main",
     ("down",): "pipelines.local_services:main",
+    ("spare",): "pipelines.local_services:spare_main",
 }
 
 
@@ -63,14 +65,18 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("demo", help="the whole loop on the embedded defaults (--quick for this CPU; see "
                                      "pipelines/demo.py)")
     commands.add_parser("down", help="stop the Ray cluster and MLflow server that `demo` left running")
+    commands.add_parser("spare", help="join a spare node (resource draftsmith_spare, no CPU) to the local head, "
+                                      "where distillation jobs run")
     commands.add_parser("serve", help="run the Serve application locally (see serve/app.py)")
     commands.add_parser("distill", help="run a distillation job (see jobs/distill.py)")
     commands.add_parser("evaluate", help="evaluate a challenger against the champion and apply the gate")
     commands.add_parser("promote", help="force a promotion or roll back (see jobs/promote.py)")
-    commands.add_parser("trigger", help="decide when to distill and submit the jobs (see pipelines/trigger.py)")
+    commands.add_parser("trigger", help="the continuous trigger service: distills when due, rolls back a bad "
+                                        "promotion, runs until SIGTERM (--config infra/trigger.yaml; --once, "
+                                        "--dry-run; see pipelines/trigger.py)")
     commands.add_parser("backfill", help="score conversation logs into traffic records (see pipelines/backfill.py)")
-    bench = commands.add_parser("bench", help="benchmarks: decode | serve | distill")
-    bench.add_argument("which", choices=["decode", "serve", "distill"])
+    bench = commands.add_parser("bench", help="benchmarks: decode | serve | distill | shift")
+    bench.add_argument("which", choices=["decode", "serve", "distill", "shift"])
     drafter = commands.add_parser("drafter", help="drafter tools")
     drafter_commands = drafter.add_subparsers(dest="drafter_command", required=True)
     derive = drafter_commands.add_parser("derive", help="save a drafter derived from the target's layers")

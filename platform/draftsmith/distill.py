@@ -16,6 +16,9 @@ models.py) trains on the target's final-normed hidden states of the same batch (
 features the caller cached): its position t reads (feature t, token t + 1) and is trained to predict the
 target's token t + 2 (the divergence above) and the target's feature t + 1 (a smooth-L1 regression,
 weighted by `feature_loss_weight`), because serving feeds its drafted feature back for the next draft.
+Where the engine logged a record's features while serving it (serve's `traffic.log_features`,
+draftsmith.traffic_features) and `logged_features` is on, `train` reads them instead of running the
+target over the record; records without usable logged features are recomputed as before.
 Pure torch.
 
 What it does not do: read the traffic log or batch records (draftsmith.distill_data), distribute
@@ -38,6 +41,7 @@ import math
 import time
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 from torch import nn
@@ -49,8 +53,8 @@ from draftsmith.models import Drafter
 logger = logging.getLogger(__name__)
 
 __all__ = ["DistillConfig", "DistillBatch", "DistillStudent", "TargetFeatureCache", "TrainCallback", "TrainResult",
-           "batch_indices", "collate", "distill_loss", "make_optimizer", "student_logits", "teacher_features",
-           "teacher_logits", "total_steps", "train", "train_step", "trainable_parameters"]
+           "batch_indices", "collate", "distill_loss", "logged_rows", "make_optimizer", "student_logits",
+           "teacher_features", "teacher_logits", "total_steps", "train", "train_step", "trainable_parameters"]
 
 
 class DistillConfig(BaseModel):
@@ -85,6 +89,10 @@ class DistillConfig(BaseModel):
     feature_cache_gb: float = Field(2.0, ge=0, description="A feature-reading drafter: GB of target features "
                                     "(float16) kept per worker, so later epochs skip the target's forward "
                                     "(TargetFeatureCache); 0 recomputes every time.")
+    logged_features: bool = Field(True, description="A feature-reading drafter: read the target's features "
+                                  "logged at serve time (serve's traffic.log_features) for the records that have "
+                                  "them, instead of recomputing them with the target's forward; records without "
+                                  "them (or whose side file is unreadable) are recomputed.")
     seed: int = Field(0, description="Data order and initialization seed.")
 
     @field_validator("loss")
@@ -272,12 +280,14 @@ def teacher_logits(target_model: nn.Module, batch: DistillBatch, features: torch
 
 class TargetFeatureCache:
     """The target's features of each training record, computed by one teacher-forced target forward the
-    first time the record is batched and kept (float16, on the CPU) while they fit in `max_bytes`.
+    first time the record is batched and kept (float16, on the CPU) while they fit in `max_bytes`; rows
+    given logged features (`features(..., logged=)`) take those and need no forward.
 
     Why: a feature-reading drafter is a layer or two, so the target's forward over a batch costs several
     times its training step; it trains for many epochs on the same records. A record's features depend
     only on its own tokens (causal attention, right padding), so they are keyed by the record's index
-    in the training data and reused in any later batch.
+    in the training data and reused in any later batch. Logged features are not kept here: their side
+    file holds them already.
     """
 
     def __init__(self, target_model: nn.Module, max_bytes: float):
@@ -285,15 +295,24 @@ class TargetFeatureCache:
         self.max_bytes = max_bytes
         self.bytes = 0
         self.computed = 0  # rows that needed the target's forward
+        self.logged = 0  # rows that read features logged at serve time
         self._store: dict = {}
 
-    def features(self, keys: Sequence, batch: DistillBatch) -> torch.Tensor:
-        """[B, L, H] target features of the batch's input_ids; `keys[i]` names batch row i's record."""
+    def features(self, keys: Sequence, batch: DistillBatch,
+                 logged: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+        """[B, L, H] target features of the batch's input_ids; `keys[i]` names batch row i's record, and
+        `logged[i]`, when given and not None, is that row's features [its input length, H] as logged."""
         b, length = batch.input_ids.shape
         lengths = batch.input_lengths.tolist()
         out = torch.zeros(b, length, self.target_model.config.hidden_size, dtype=self.target_model.dtype,
                           device=batch.input_ids.device)
-        missing = [i for i, key in enumerate(keys) if key not in self._store]
+        from_log = set()
+        for i, values in enumerate(logged or ()):
+            if values is not None:
+                out[i, : lengths[i]] = values.to(out.device, out.dtype)
+                from_log.add(i)
+        self.logged += len(from_log)
+        missing = [i for i, key in enumerate(keys) if key not in self._store and i not in from_log]
         fresh_rows = set(missing)
         if missing:
             width = max(lengths[i] for i in missing)
@@ -308,9 +327,33 @@ class TargetFeatureCache:
                     self._store[keys[i]] = kept
                     self.bytes += size
         for i, key in enumerate(keys):
-            if i not in fresh_rows:
+            if i not in fresh_rows and i not in from_log:
                 out[i, : lengths[i]] = self._store[key].to(out.device, out.dtype)
         return out
+
+
+def logged_rows(source, records: Sequence, batch: DistillBatch) -> list[torch.Tensor | None]:
+    """Each batch row's logged target features cut to its input [input length, H] float16, or None.
+
+    `source.lookup(request_id, positions)` (draftsmith.traffic_features.LoggedFeatures) gives a record's
+    features at every position of its prompt + output but the last. `collate` may have cut the prompt's
+    head (max_seq_len): the row then starts that many positions in; the features there were computed with
+    the whole prompt before them, as serving computed them. All None when the batch's rows are not the
+    records one to one (collate skipped one).
+    """
+    if len(records) != batch.input_ids.shape[0]:
+        return [None] * batch.input_ids.shape[0]
+    lengths, outputs = batch.input_lengths.tolist(), batch.mask.sum(1).tolist()
+    out: list[torch.Tensor | None] = []
+    for i, record in enumerate(records):
+        prompt, output = len(record["prompt_token_ids"]), len(record["output_token_ids"])
+        values = source.lookup(record["request_id"], prompt + output - 1) if "request_id" in record else None
+        if values is None:
+            out.append(None)
+            continue
+        start = prompt - (lengths[i] - outputs[i] + 1)  # the prompt tokens collate cut from the left
+        out.append(torch.from_numpy(np.array(values[start: start + lengths[i]])))
+    return out
 
 
 def distill_loss(student: nn.Module, batch: DistillBatch, config: DistillConfig, *,
@@ -436,6 +479,8 @@ class TrainResult:
     total_steps: int
     tokens_per_worker: float
     last_stats: dict
+    feature_rows_computed: int = 0  # batch rows whose target features needed the target's forward
+    feature_rows_logged: int = 0  # batch rows that read features logged at serve time
 
 
 _WINDOW_KEYS = ("loss", "top1_match", "tokens", "top1_match_layer_parallel", "feature_loss")
@@ -445,13 +490,16 @@ def train(student: DistillStudent, data, config: DistillConfig, *, model: nn.Mod
           step_fn: Callable[[DistillBatch, torch.Tensor | None], dict] | None = None,
           target_model: nn.Module | None = None, device: torch.device | str = "cpu", rank: int = 0, world: int = 1,
           start_step: int = 0, tokens_per_worker: float = 0.0, report_every: int | None = None,
-          checkpoint_every: int | None = None, callbacks: Sequence[TrainCallback] = ()) -> TrainResult:
+          checkpoint_every: int | None = None, callbacks: Sequence[TrainCallback] = (),
+          logged_features=None) -> TrainResult:
     """Train `student` on `data` (a column-oriented dataset of traffic rows, `datasets.Dataset`).
 
     `model` is what runs the step (the student, or its DDP wrapper); `step_fn(batch, target_features)`
     takes one optimizer step and returns its stats (default: `train_step` with AdamW over `model`; a
     DeepSpeed engine passes its own). `target_model` is needed for `full_teacher_logits` and for a
-    feature-reading drafter, whose target features are cached per record (`feature_cache_gb`).
+    feature-reading drafter, whose target features are cached per record (`feature_cache_gb`), or read
+    from `logged_features` (draftsmith.traffic_features.LoggedFeatures: by the rows' request ids) when
+    `config.logged_features` is on; the target still recomputes those of the records the log lacks.
     """
     model = model if model is not None else student
     if step_fn is None:
@@ -465,6 +513,7 @@ def train(student: DistillStudent, data, config: DistillConfig, *, model: nn.Mod
         if target_model is None:
             raise ValueError("a feature-reading drafter trains on the target's features: pass target_model=")
         feature_cache = TargetFeatureCache(target_model, config.feature_cache_gb * 2**30)
+    logged_features = logged_features if config.logged_features and feature_cache else None
     records, total = len(data), total_steps(config, len(data), world)
     window: dict[str, float] = {"n": 0}
     window_start, stats, done = time.perf_counter(), {}, start_step
@@ -472,8 +521,13 @@ def train(student: DistillStudent, data, config: DistillConfig, *, model: nn.Mod
         if not all(callback.before_step(step) for callback in callbacks):
             break
         indices = batch_indices(config, records, step, rank=rank, world=world)
-        batch = collate(rows(data, indices), max_seq_len=config.max_seq_len).to(device)
-        stats = step_fn(batch, feature_cache.features(indices, batch) if feature_cache else None)
+        recs = rows(data, indices)
+        batch = collate(recs, max_seq_len=config.max_seq_len).to(device)
+        features = None
+        if feature_cache:
+            logged = logged_rows(logged_features, recs, batch) if logged_features is not None else None
+            features = feature_cache.features(indices, batch, logged)
+        stats = step_fn(batch, features)
         tokens_per_worker += stats["tokens"]
         done = step + 1
         for callback in callbacks:
@@ -489,8 +543,12 @@ def train(student: DistillStudent, data, config: DistillConfig, *, model: nn.Mod
         metrics = {"step": done, "total_steps": total, "epoch": step // _steps_per_epoch(config, records, world),
                    "resumed_from_step": start_step, "tokens_per_s": window.get("tokens", 0.0) * world / max(elapsed, 1e-9),
                    "train_tokens": tokens_per_worker * world}
+        if feature_cache:  # how many rows the target's forward served and how many the log did, so far
+            metrics.update(feature_rows_computed=feature_cache.computed, feature_rows_logged=feature_cache.logged)
         metrics.update({k: window[k] / window["n"] for k in _WINDOW_KEYS if k in window and k != "tokens"})
         window, window_start = {"n": 0}, time.perf_counter()
         for callback in callbacks:
             callback.report(metrics, checkpoint=checkpoint)
-    return TrainResult(done, total, tokens_per_worker, stats)
+    return TrainResult(done, total, tokens_per_worker, stats,
+                       feature_rows_computed=feature_cache.computed if feature_cache else 0,
+                       feature_rows_logged=feature_cache.logged if feature_cache else 0)

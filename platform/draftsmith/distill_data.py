@@ -14,6 +14,15 @@ its own held-out window and never on a prompt it was trained on. Returns both pa
 turns the held-out part into distinct prompts, newest first; `collate` turns records or dataset rows
 into one right-padded `DistillBatch`.
 
+Recency (`RecencyWindow`, `select_window`): traffic moves, so the job trains on a window of the most
+recent training records (the last `window_records`, and/or those within `window_hours` of the newest)
+plus a replayed share of older training records, drawn uniformly with a fixed seed, so that a domain
+seen only before the window is not forgotten. The window is applied AFTER the split, to its training
+side only: the held-out side and its exclusion rule (every record before `heldout_since` counts as
+training, a superset of what the window keeps) do not change. With a window, the held-out fraction
+is taken of the window's span rather than of the whole log (`recent_scope`), so that a growing log
+never pushes the window away from the newest traffic. No window (None limits) is all traffic.
+
 What it does not do: train or evaluate, tokenize text, or touch Ray (the job ships the train part to its
 workers with `save_to_disk`). ShareGPT's fixed train / held-out split of a static corpus (by conversation
 id) is `datasets_io.sharegpt_split`; this module splits logged traffic, by time.
@@ -37,6 +46,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from draftsmith.traffic import scan_traffic
 
@@ -102,19 +112,128 @@ def split_at(table: pa.Table, heldout_since: dt.datetime | None) -> tuple[pa.Tab
     return train, after.take(pa.array(keep, type=pa.int64())), after.num_rows - len(keep)
 
 
-def heldout_start(created_at: pa.ChunkedArray, heldout_fraction: float) -> dt.datetime | None:
+def heldout_start(created_at: pa.ChunkedArray | Sequence[dt.datetime], heldout_fraction: float,
+                  window: "RecencyWindow | None" = None) -> dt.datetime | None:
     """The `heldout_since` that holds out about `heldout_fraction` of time-sorted records: the time of the
     first of the last `heldout_count` records (records sharing that time are held out with it), moved to
-    the next later time when that would leave nothing to train on; None when nothing is held out."""
-    n_heldout = heldout_count(len(created_at), heldout_fraction)
+    the next later time when that would leave nothing to train on; None when nothing is held out.
+
+    With a limiting `window` the fraction is of the most recent `recent_scope` records, not of them all."""
+    times = created_at.to_pylist() if hasattr(created_at, "to_pylist") else list(created_at)
+    n_heldout = heldout_count(recent_scope(times, heldout_fraction, window), heldout_fraction)
     if n_heldout == 0:
         return None
-    times = created_at.to_pylist()
     cut = times[len(times) - n_heldout]
     if cut > times[0]:
         return cut
     later = [t for t in times if t > cut]
     return later[0] if later else None
+
+
+# ---------------------------------------------------------------------------------------------- recency
+
+
+class RecencyWindow(BaseModel):
+    """Which training records a distillation learns from: a recent window plus a replayed share of older ones."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    window_records: int | None = Field(
+        2000, ge=1, description="train on at most this many of the most recent training records (before the "
+                                "held-out time); unset: no count limit")
+    window_hours: float | None = Field(
+        None, gt=0, description="train only on records within this many hours of the newest training record; "
+                                "unset: no age limit. With both limits set, a record must pass both")
+    replay_fraction: float = Field(
+        0.25, ge=0, le=1, description="add ceil(this x the window's record count) records drawn uniformly from "
+                                      "the training records older than the window (replay), so domains seen "
+                                      "only before the window are not forgotten; 0: the window alone")
+    replay_seed: int = Field(0, description="seed of the replay draw: the same log and settings replay the "
+                                            "same records")
+
+    @property
+    def limited(self) -> bool:
+        """False when neither limit is set: the window is all traffic (and nothing is older to replay)."""
+        return self.window_records is not None or self.window_hours is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowSelection:
+    """The records `select_window` chose: positions into its input, in time order, and what they span."""
+
+    indices: list[int]  # window and replay, ascending time (ties: input order)
+    window_records: int
+    replay_records: int
+    pool_records: int  # the training side the selection was made from
+    window_start: dt.datetime | None = None
+    window_end: dt.datetime | None = None
+    replay_start: dt.datetime | None = None
+    replay_end: dt.datetime | None = None
+
+    def stats(self) -> dict:
+        """The selection as flat, JSON-ready stats (times in ISO format, None when empty)."""
+        iso = lambda t: t.isoformat() if t is not None else None  # noqa: E731
+        return {"window_pool_records": self.pool_records, "window_records": self.window_records,
+                "replay_records": self.replay_records, "window_start": iso(self.window_start),
+                "window_end": iso(self.window_end), "replay_start": iso(self.replay_start),
+                "replay_end": iso(self.replay_end)}
+
+
+def _window_size(times: Sequence[dt.datetime], window_records: int | None, window_hours: float | None) -> int:
+    """How many of ascending `times` form the most recent window: the last `window_records`, of those within
+    `window_hours` of the newest."""
+    n = len(times)
+    if window_hours is not None and n:
+        cutoff = times[-1] - dt.timedelta(hours=window_hours)
+        n = sum(1 for t in times if t >= cutoff)
+    return n if window_records is None else min(n, window_records)
+
+
+def recent_scope(times: Sequence[dt.datetime], heldout_fraction: float, window: RecencyWindow | None) -> int:
+    """How many of the most recent of ascending `times` the held-out fraction is taken of: all of them without
+    a limiting window; with one, about the window plus its held-out share (`window_records / (1 - fraction)`
+    records, of those within `window_hours` of the newest), so the window ends where the held-out part starts
+    however long the log grows, instead of lagging behind a held-out part of a tenth of all history."""
+    n = len(times)
+    if window is None or not window.limited or n == 0:
+        return n
+    records = None if window.window_records is None else math.ceil(window.window_records / (1.0 - heldout_fraction))
+    return _window_size(times, records, window.window_hours)
+
+
+def select_window(created_at: Sequence[dt.datetime], window: RecencyWindow | None) -> WindowSelection:
+    """THE recency rule: which of the training side's records (times `created_at`, any order) to train on.
+
+    The window is the most recent `window_records` (ties at the boundary broken by input order), of those
+    within `window_hours` of the newest. Replay adds ceil(`replay_fraction` x window size) records, at most
+    all of them, drawn uniformly without replacement (numpy, `replay_seed`) from the records older than the
+    window only. `window=None` or no limit selects everything and replays nothing. Pure: no I/O.
+    """
+    n = len(created_at)
+    order = sorted(range(n), key=lambda i: created_at[i])  # stable: ties keep input order
+    times = [created_at[i] for i in order]
+    if window is None or not window.limited:
+        n_window, replay = n, []
+    else:
+        n_window = _window_size(times, window.window_records, window.window_hours)
+        older = n - n_window
+        # 1e-9: ceil(0.1 * 30) must be 3 even though 0.1 * 30 is 3.0000000000000004 in floating point
+        k = min(older, math.ceil(window.replay_fraction * n_window - 1e-9)) if n_window else 0
+        replay = sorted(np.random.default_rng(window.replay_seed).choice(older, size=k, replace=False).tolist())
+    recent = list(range(n - n_window, n))
+    return WindowSelection(
+        indices=[order[j] for j in replay + recent], window_records=n_window, replay_records=len(replay),
+        pool_records=n,
+        window_start=times[recent[0]] if recent else None, window_end=times[recent[-1]] if recent else None,
+        replay_start=times[replay[0]] if replay else None, replay_end=times[replay[-1]] if replay else None)
+
+
+def apply_window(train: pa.Table, window: RecencyWindow | None) -> tuple[pa.Table, WindowSelection]:
+    """The rows of a training table (with `created_at`) that `select_window` keeps, in time order."""
+    selection = select_window(train["created_at"].to_pylist(), window)
+    if selection.indices == list(range(train.num_rows)):
+        return train, selection  # everything, already in time order (as build_distill_dataset sorts it)
+    return train.take(pa.array(selection.indices, type=pa.int64())), selection
 
 
 def _dedupe_keys(table: pa.Table) -> list[bytes]:
@@ -153,12 +272,15 @@ def build_distill_dataset(
     heldout_fraction: float = 0.1,
     sources: tuple[str, ...] | None = None,
     heldout_since: dt.datetime | None = None,
+    window: RecencyWindow | None = None,
 ) -> DistillData:
     """The train / held-out datasets of one target's traffic in [since, until), and their stats.
 
     The split is `split_at(heldout_since)`; without `heldout_since` the time is chosen to hold out the
-    most recent `heldout_fraction` (`heldout_start`). `sources` restricts to record sources ("served",
-    "backfill"); None keeps both.
+    most recent `heldout_fraction` (`heldout_start`, of the window's span when `window` limits it).
+    `window` then narrows the training side to a recent window plus replay (`select_window`; its figures
+    are in the stats); None trains on the whole training side. `sources` restricts to record sources
+    ("served", "backfill"); None keeps both.
     """
     import datasets
 
@@ -183,8 +305,10 @@ def build_distill_dataset(
     table = table.take(pa.array(keep, type=pa.int64())) if duplicates else table
     n = table.num_rows
     if heldout_since is None:
-        heldout_since = heldout_start(table["created_at"], heldout_fraction)
+        heldout_since = heldout_start(table["created_at"], heldout_fraction, window)
     train_table, heldout_table, excluded = split_at(table.select(list(TRAIN_COLUMNS)), heldout_since)
+    # After the split: the held-out side and its exclusions never depend on the window.
+    train_table, selection = apply_window(train_table, window)
     created = table["created_at"]
     stats = {
         "records_scanned": scanned,
@@ -206,6 +330,7 @@ def build_distill_dataset(
         "heldout_excluded": excluded,  # held-out window records whose prompt was seen in training
         "since": since.isoformat() if since else None,
         "until": until.isoformat() if until else None,
+        **selection.stats(),
     }
     if empty_outputs:
         stats["empty_outputs"] = empty_outputs
@@ -214,6 +339,11 @@ def build_distill_dataset(
     logger.info("distill dataset: %d records (%d duplicates dropped): %d train, %d held-out (%d left out: prompt "
                 "seen in training), %d output tokens", n, duplicates, stats["train_records"],
                 stats["heldout_records"], excluded, stats["output_tokens"])
+    if selection.window_records < selection.pool_records:
+        logger.info("distill dataset: window of the %d most recent of %d training records (%s .. %s) + %d "
+                    "replayed (%s .. %s)", selection.window_records, selection.pool_records,
+                    stats["window_start"], stats["window_end"], selection.replay_records, stats["replay_start"],
+                    stats["replay_end"])
     return DistillData(train=datasets.Dataset(train_table.combine_chunks()),
                        heldout=datasets.Dataset(heldout_table.combine_chunks()), stats=stats)
 

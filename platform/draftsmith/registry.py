@@ -30,7 +30,10 @@ registration and re-logged with ``log_metrics`` when a job re-evaluates it.
 Version TAGS hold provenance (target_id, tokenizer_hash, traffic window,
 ``heldout_since``, loss, parent_version, ...) and the gate's record (``gate``,
 ``gate_reason``, the test, its p-value and interval, the sample size, both speeds
-and acceptances: ``GateDecision.tags``) and ``previous_champion``.
+and acceptances: ``GateDecision.tags``). Every promotion adds ``previous_champion``
+(the version it replaced) and ``promoted_at``; a rollback adds ``rolled_back_to``,
+``rolled_back_at`` and ``rollback_reason`` to the version rolled back and
+``restored_after``, ``restored_at`` and ``rollback_reason`` to the version restored.
 
 Secrets. Params and tags whose key names a secret (token, password, api key...) are stored as
 ``[redacted]`` (``redact_secrets``): a job config that carries a credential never leaks it to MLflow.
@@ -309,14 +312,25 @@ class DrafterRegistry:
         for k, v in tags.items():
             self.client.set_model_version_tag(self.model_name, version, k, v)
 
-    def promote(self, version: str | int, *, reason: str = "forced", alias: str = CHAMPION) -> DrafterVersion:
-        """Make ``version`` the champion (``alias``), remembering the previous one for ``rollback``."""
+    def set_tags(self, version: str | int, **tags: Any) -> None:
+        """Set version tags (values as strings; secrets redacted like at registration)."""
+        self._tag(str(version), **{k: str(v) for k, v in redact_secrets(tags).items()})
+
+    def promote(self, version: str | int, *, reason: str = "forced", alias: str = CHAMPION,
+                now: datetime | None = None) -> DrafterVersion:
+        """Make ``version`` the champion (``alias``), remembering the previous one for ``rollback``.
+
+        Every promotion tags the new version with the version it replaced (``previous_champion``) and the
+        time (``promoted_at``, ISO UTC): the trigger's automatic rollback compares the new version's served
+        traffic since that time against the version it replaced.
+        """
         version = str(version)
         target = self.get_version(version)  # fails clearly on an unknown version
         current = self.get_version_by_alias(alias)
         if current is not None and current.version != version:
             self._tag(version, previous_champion=current.version)
-        self._tag(version, gate="promoted", gate_reason=reason)
+        now = now or datetime.now(timezone.utc)
+        self._tag(version, gate="promoted", gate_reason=reason, promoted_at=now.isoformat())
         self.set_alias(version, alias)
         if CHALLENGER in target.aliases:
             self.client.delete_registered_model_alias(self.model_name, CHALLENGER)
@@ -350,17 +364,31 @@ class DrafterRegistry:
             logger.info("gate refused %s version %s: %s", self.model_name, version, decision.reason)
         return decision
 
-    def rollback(self) -> DrafterVersion:
-        """Move ``champion`` back to the version it replaced (tag ``previous_champion``)."""
-        current = self.get_version_by_alias(CHAMPION)
+    def rollback(self, *, alias: str = CHAMPION, reason: str = "rolled back by hand",
+                 expected_version: str | None = None, now: datetime | None = None) -> DrafterVersion:
+        """Move ``alias`` back to the version its current one replaced (tag ``previous_champion``).
+
+        ``expected_version``: roll back only if the alias still points there (the version a caller judged),
+        else raise. The reason and time go on both versions: on the one rolled back ``gate=rolled_back``,
+        ``rolled_back_to``, ``rolled_back_at``, ``rollback_reason``; on the one restored ``restored_after``
+        (the version it replaces again), ``restored_at``, ``rollback_reason``. Returns the restored version.
+        """
+        current = self.get_version_by_alias(alias)
         if current is None:
-            raise RegistryError(f"{self.model_name!r} has no champion to roll back")
+            raise RegistryError(f"{self.model_name!r} has no {alias} to roll back")
+        if expected_version is not None and current.version != str(expected_version):
+            raise RegistryError(f"{alias} is v{current.version}, not v{expected_version}: it moved since the "
+                                "rollback was decided; nothing rolled back")
         prev = current.tags.get("previous_champion")
         if not prev:
-            raise RegistryError(f"champion v{current.version} has no previous champion to roll back to")
-        self.set_alias(prev, CHAMPION)
-        self._tag(current.version, gate="rolled_back", gate_reason=f"rolled back to v{prev}")
-        logger.info("%s: champion rolled back from v%s to v%s", self.model_name, current.version, prev)
+            raise RegistryError(f"{alias} v{current.version} has no previous champion to roll back to")
+        self.get_version(prev)  # fails clearly if the previous version was deleted
+        at = (now or datetime.now(timezone.utc)).isoformat()
+        self.set_alias(prev, alias)
+        self._tag(current.version, gate="rolled_back", gate_reason=f"rolled back to v{prev}: {reason}",
+                  rolled_back_to=prev, rolled_back_at=at, rollback_reason=reason)
+        self._tag(prev, restored_after=current.version, restored_at=at, rollback_reason=reason)
+        logger.info("%s: %s rolled back from v%s to v%s: %s", self.model_name, alias, current.version, prev, reason)
         return self.get_version(prev)
 
 

@@ -70,6 +70,9 @@ class GenerationResult:
     accept_mask: torch.Tensor  # [n_out] bool: the token was an accepted draft token
     stats: RequestStats
     drafter_version: str
+    # [prompt + output - 1, D] float16 on the CPU: the target's final-normed hidden state at each position
+    # (what a feature drafter's training reads); only with SpecEngine(capture_features=True).
+    features: torch.Tensor | None = None
 
 
 @dataclasses.dataclass
@@ -109,10 +112,14 @@ class SpecEngine:
     def __init__(self, target: CausalLMRunner, drafter: CausalLMRunner | None = None, *,
                  config: EngineConfig = EngineConfig(), eos_token_ids: Sequence[int] = (),
                  decode: Callable[[list[int]], str] | None = None, drafter_version: str = "none",
-                 cost_model: CostModel | None = None):
-        """`cost_model` (auto mode only): the pair's cost profile, instead of measuring it at start."""
+                 cost_model: CostModel | None = None, capture_features: bool = False):
+        """`cost_model` (auto mode only): the pair's cost profile, instead of measuring it at start.
+        `capture_features`: each result also carries a float16 copy of the target's stored features of its
+        sequence (`GenerationResult.features`, for the traffic log); a read of what every forward stores
+        anyway, so decoding is unchanged."""
         self.target = target
         self.config = config
+        self.capture_features = capture_features
         self.eos_token_ids = frozenset(eos_token_ids)
         self.decode = decode
         self.max_len = min(config.max_model_len, getattr(target.config, "max_position_embeddings", config.max_model_len))
@@ -456,6 +463,10 @@ class SpecEngine:
         n_out = len(seq.output)
         ids = torch.cat(seq.topk_ids) if seq.topk_ids else torch.zeros(n_out, k, dtype=torch.long)
         logprobs = torch.cat(seq.topk_logprobs) if seq.topk_logprobs else torch.zeros(n_out, k)
+        features = None
+        if self.capture_features:  # before _release_finished may move another sequence into this slot
+            slot = self.active.index(seq)
+            features = self.target_features[slot, : seq.target_len].to("cpu", torch.float16, copy=True)
         return GenerationResult(
             request_id=seq.request.request_id,
             prompt_token_ids=list(seq.request.prompt_token_ids),
@@ -467,6 +478,7 @@ class SpecEngine:
             accept_mask=torch.tensor(seq.accept_mask, dtype=torch.bool),
             stats=seq.stats,
             drafter_version=self.drafter_version,
+            features=features,
         )
 
     def _release_finished(self) -> None:

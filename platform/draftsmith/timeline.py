@@ -17,6 +17,7 @@ import dataclasses
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from draftsmith.request_stats import drafter_token_acceptance
 from draftsmith.specdec import AcceptanceRates
 
 
@@ -32,6 +33,8 @@ class Pooled(AcceptanceRates):
     drafted: int = 0
     accepted: int = 0
     compared: int = 0
+    lookup_accepted: int = 0
+    lookup_compared: int = 0
     steps: int = 0
     emitted_in_steps: int = 0
     seconds: float = 0.0
@@ -41,8 +44,13 @@ class Pooled(AcceptanceRates):
     def tok_s(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def drafter_token_acceptance(self) -> float:
+        return drafter_token_acceptance(self.accepted, self.compared, self.lookup_accepted, self.lookup_compared)
+
     def as_dict(self) -> dict:
-        return {**dataclasses.asdict(self), **self.rates(), "tok_s": self.tok_s}
+        return {**dataclasses.asdict(self), **self.rates(), "drafter_token_acceptance": self.drafter_token_acceptance,
+                "tok_s": self.tok_s}
 
 
 def _add(group: Pooled, row: Mapping) -> None:
@@ -51,7 +59,7 @@ def _add(group: Pooled, row: Mapping) -> None:
         group.failed += 1
         return
     group.tokens += int(row.get("completion_tokens", 0))
-    for key in ("drafted", "accepted", "compared", "steps", "emitted_in_steps"):
+    for key in ("drafted", "accepted", "compared", "lookup_accepted", "lookup_compared", "steps", "emitted_in_steps"):
         setattr(group, key, getattr(group, key) + int(row.get(key, 0)))
 
 
@@ -108,12 +116,12 @@ def phase_summary(rows: Sequence[Mapping], phase: str) -> Pooled:
 def format_table(groups: Iterable[Pooled]) -> str:
     """A fixed-width table: one line per group."""
     header = (f"{'phase':<14} {'served':>6} {'drafter':>8} {'requests':>8} {'failed':>6} {'token acc':>9} "
-              f"{'acc rate':>8} {'mean len':>8} {'tok/s':>7}")
+              f"{'drafter acc':>11} {'acc rate':>8} {'mean len':>8} {'tok/s':>7}")
     lines = [header, "-" * len(header)]
     for g in groups:
         lines.append(f"{g.phase:<14} {g.requests_served:>6} {g.drafter_version:>8} {g.requests:>8} {g.failed:>6} "
-                     f"{g.token_acceptance:>9.3f} {g.acceptance_rate:>8.3f} {g.mean_accepted_length:>8.2f} "
-                     f"{g.tok_s:>7.1f}")
+                     f"{g.token_acceptance:>9.3f} {g.drafter_token_acceptance:>11.3f} {g.acceptance_rate:>8.3f} "
+                     f"{g.mean_accepted_length:>8.2f} {g.tok_s:>7.1f}")
     return "\n".join(lines)
 
 

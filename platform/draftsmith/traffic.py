@@ -7,6 +7,11 @@ and renamed when complete, so a reader never sees half a file; fingerprints
 tokenizers so records made with different vocabularies are never mixed.
 Reading back with filters (skipping corrupt or truncated files) and deleting old
 date partitions live in `traffic_reader.py`; their names are importable from here.
+A record may carry the target's features (`TrafficRecord.features`, serve's
+`traffic.log_features`): they are not a column but a side file beside the part,
+written through `draftsmith.traffic_features` before the part itself and named in
+the part's footer, so retention (which deletes whole date partitions) removes them
+with their records.
 
 What it does not do: no Ray (the Serve logger in `serve/` and the pipelines in
 `pipelines/` wrap this), no deduplication or train/held-out split (see
@@ -30,6 +35,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -75,6 +81,7 @@ TRAFFIC_SCHEMA = pa.schema(
         pa.field("proposer", pa.string(), nullable=True),  # who drafted: drafter | lookup | drafter+lookup | none
         pa.field("lookup_drafted", pa.int32(), nullable=True),  # of `drafted`, tokens prompt lookup proposed
         pa.field("lookup_accepted", pa.int32(), nullable=True),  # of `accepted`, tokens prompt lookup proposed
+        pa.field("lookup_compared", pa.int32(), nullable=True),  # of `compared`, positions prompt lookup proposed
     ]
 )
 
@@ -91,6 +98,11 @@ class TrafficRecord:
     `num_speculative_tokens` is the speculation length of the request; `drafted`,
     `verify_steps`, `policy_off_steps`, `proposer` and `lookup_*` say what was really
     done (None: not recorded, e.g. a backfilled record or an older log).
+
+    `features` is not a column: the target's final-normed hidden state at every position
+    of prompt + output but the last (a float16 numpy array [prompt + output - 1, hidden]),
+    written to the part's side file (draftsmith.traffic_features) when present, never read
+    back into a record; records compare equal without it.
     """
 
     request_id: str
@@ -123,6 +135,8 @@ class TrafficRecord:
     proposer: str | None = None
     lookup_drafted: int | None = None
     lookup_accepted: int | None = None
+    lookup_compared: int | None = None
+    features: Any = field(default=None, compare=False, repr=False)  # [prompt + output - 1, hidden] float16
 
     def __post_init__(self) -> None:
         if self.created_at.tzinfo is None:
@@ -139,10 +153,18 @@ class TrafficRecord:
                     f"TrafficRecord {self.request_id}: {name} has {len(getattr(self, name))} entries, "
                     f"expected one per output token ({n_out})"
                 )
+        if self.features is not None:
+            shape = getattr(self.features, "shape", None)
+            positions = len(self.prompt_token_ids) + n_out - 1
+            if shape is None or len(shape) != 2 or shape[0] != positions:
+                raise ValueError(
+                    f"TrafficRecord {self.request_id}: features of shape {shape}, expected one row per "
+                    f"position of prompt + output but the last ({positions})"
+                )
 
     def to_row(self) -> dict:
         """A dict with one key per schema column (what `pa.Table.from_pylist` takes)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {name: getattr(self, name) for name in TRAFFIC_SCHEMA.names}
 
     @classmethod
     def from_row(cls, row: dict) -> TrafficRecord:
@@ -155,8 +177,14 @@ Redactor = Callable[[TrafficRecord], TrafficRecord]
 
 
 def drop_text(record: TrafficRecord) -> TrafficRecord:
-    """Redactor that keeps token ids but drops the request and response text."""
+    """Redactor that keeps token ids but drops the request and response text. The features stay: they
+    are a function of the token ids, which are kept."""
     return dataclasses.replace(record, prompt_text=None, output_text=None)
+
+
+def drop_features(record: TrafficRecord) -> TrafficRecord:
+    """The record without its features (the same object when it has none)."""
+    return record if record.features is None else dataclasses.replace(record, features=None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,6 +248,12 @@ class TrafficWriter:
     in the same directory and renamed when complete. `add` flushes by itself once
     `flush_every_records` are buffered or `flush_every_seconds` have passed since the
     last flush (measured with `clock`, injectable for tests). Thread-safe.
+
+    Records that carry `features` get them written to the part's side file
+    (`<part>.features.arrow`, draftsmith.traffic_features), renamed into place before the
+    part, whose footer then names it. A side file that cannot be written costs the
+    features only: it is logged and counted (`features_failed`), and the part is written
+    without it, so no record is ever lost for its features.
     """
 
     def __init__(
@@ -248,6 +282,9 @@ class TrafficWriter:
         self.records_written = 0
         self.files_written = 0
         self.records_dropped = 0
+        self.features_written = 0  # records whose features went to a side file
+        self.features_bytes = 0  # bytes of those side files
+        self.features_failed = 0  # records whose features could not be written (the records were)
         # Durability bookkeeping for callers that acknowledge records only once they are on storage
         # (the Serve logger): every record added gets the next sequence number, and after a flush that
         # wrote all it took every record numbered <= `durable_through` is written (or dropped as not
@@ -343,19 +380,45 @@ class TrafficWriter:
         name = f"part-{stamp}-{uuid.uuid4().hex}.parquet"
         tmp, final = f"{directory}/.{name}.tmp", f"{directory}/{name}"
         self.fs.create_dir(directory, recursive=True)
+        side = self._write_features(directory, name, table, records)
+        if side is not None:
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}), **side[1]})
         try:
             with self.fs.open_output_stream(tmp) as out:
                 pq.write_table(table, out, compression=self.compression)
             self.fs.move(tmp, final)
         except BaseException:
-            try:
-                self.fs.delete_file(tmp)
-            except (OSError, FileNotFoundError):
-                pass
+            for path in (tmp, *(side[:1] if side else ())):  # a side file without its part is removed with it
+                try:
+                    self.fs.delete_file(path)
+                except (OSError, FileNotFoundError):
+                    pass
             raise
         self.files_written += 1
         logger.debug("wrote %d traffic records to %s", table.num_rows, final)
         return table.num_rows
+
+    def _write_features(self, directory: str, name: str, table: pa.Table,
+                        records: list[TrafficRecord]) -> tuple[str, dict[bytes, bytes]] | None:
+        """Write the side file of the records in `table` that carry features; (its path, the part footer's
+        metadata naming it), or None when there is none or it failed (the part is written without it)."""
+        from draftsmith import traffic_features
+
+        kept = set(table["request_id"].to_pylist())
+        with_features = [r for r in records if r.features is not None and r.request_id in kept]
+        if not with_features:
+            return None
+        try:
+            path, size, metadata = traffic_features.write_side_file(self.fs, directory, name, with_features)
+        except Exception as e:  # noqa: BLE001  the features are an optimization; the records must be written
+            self.features_failed += len(with_features)
+            logger.error("could not write the features of %d traffic records beside %s/%s (%s: %s); the records "
+                         "are written without them and training recomputes them", len(with_features), directory,
+                         name, type(e).__name__, e)
+            return None
+        self.features_written += len(with_features)
+        self.features_bytes += size
+        return path, metadata
 
     def close(self) -> None:
         """Flush what is buffered; later `add` calls raise."""

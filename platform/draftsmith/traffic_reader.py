@@ -3,7 +3,8 @@
 What it does: reads every complete file under a log root into one table (`scan_traffic`) or record by
 record (`read_traffic`), pruning hour partitions outside the time window, keeping the rows of one target
 / revision / tokenizer, and skipping (and reporting, in `TrafficScan.skipped`) corrupt, truncated or
-foreign files instead of failing; deletes old date partitions (`apply_retention`).
+foreign files instead of failing; deletes old date partitions (`apply_retention`), the features' side
+files of their parts with them. Reading those side files is draftsmith.traffic_features.
 
 What it does not do: write (traffic.TrafficWriter), deduplicate or split (draftsmith.distill_data), or
 touch Ray. Its names are also importable from `draftsmith.traffic`.
@@ -45,6 +46,14 @@ class TrafficScan:
 def _check_aware(name: str, t: dt.datetime | None) -> None:
     if t is not None and t.tzinfo is None:
         raise ValueError(f"{name} must be timezone-aware (e.g. datetime(..., tzinfo=timezone.utc))")
+
+
+def _outside_window(rel_path: str, since: dt.datetime | None, until: dt.datetime | None) -> bool:
+    """Partition pruning: a file in hour H only holds records from [H, H+1h)."""
+    hour = _partition_hour(rel_path)
+    return hour is not None and (
+        (since is not None and hour + dt.timedelta(hours=1) <= since) or (until is not None and hour >= until)
+    )
 
 
 def _list_files(fs: pafs.FileSystem, root: str) -> list[tuple[str, str]]:
@@ -92,12 +101,7 @@ def _iter_tables(uri, filesystem, since, until, equals, scan: TrafficScan) -> It
     _check_aware("until", until)
     fs, root = resolve_uri(uri, filesystem)
     for path, rel in _list_files(fs, root):
-        hour = _partition_hour(rel)
-        # Partition pruning: a file in hour H only holds records from [H, H+1h).
-        if hour is not None and (
-            (since is not None and hour + dt.timedelta(hours=1) <= since)
-            or (until is not None and hour >= until)
-        ):
+        if _outside_window(rel, since, until):
             continue
         try:
             with fs.open_input_file(path) as f:
@@ -188,7 +192,8 @@ def apply_retention(
 ) -> list[str]:
     """Delete every `date=` partition whose whole day ended more than `older_than_days` ago.
 
-    Returns the deleted directory paths. Folders that are not `date=YYYY-MM-DD` are left alone.
+    Returns the deleted directory paths. Folders that are not `date=YYYY-MM-DD` are left alone. The
+    features' side files (draftsmith.traffic_features) live in their part's folder and go with it.
     """
     now = now or dt.datetime.now(UTC)
     _check_aware("now", now)

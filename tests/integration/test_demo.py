@@ -1,6 +1,7 @@
-"""`draftsmith demo` end to end on the tiny target, as a user runs it: a subprocess that starts its own Ray
-head (`ray start`) and MLflow server, serves over HTTP, distills through the Ray Jobs API, promotes and
-hot-swaps, then `draftsmith down` stops exactly what it started.
+"""`draftsmith demo` end to end on the tiny target, as a user runs it: a subprocess that starts its own
+two-node Ray cluster (a serving head and a spare node, each a `ray start` process) and MLflow server, serves
+over HTTP with the target's features logged, distills on the spare node through the Ray Jobs API from those
+logged features, promotes and hot-swaps, then `draftsmith down` stops exactly what it started.
 
 The tiny target is random, so no drafter can be expected to serve faster than another here: the demo runs
 with `promotion: always` (the job evaluates without gating, the demo promotes) so that the promotion and the
@@ -80,6 +81,28 @@ def test_the_loop_promotes_and_swaps_without_failed_requests(demo_run):
     assert "by phase:" in demo_run["stdout"]
 
 
+def test_the_job_ran_on_the_spare_node_and_serving_stayed_off_it(demo_run):
+    """Issue 20: the demo's distillation used the serving node's own CPUs; now its driver runs on the spare node,
+    and no Serve actor (replica, ingress, logger, proxy) was placed there."""
+    s = demo_run["summary"]
+    services = demo_run["services"]
+    assert len(services.spare_nodes) == 1 and s["spare_node_id"] == services.spare_nodes[0].node_id
+    assert s["job_ran_on_spare_node"] is True and s["job_driver_node_id"] == s["spare_node_id"]
+    assert s["serve_actors"] >= 4 and s["serve_actors_on_spare_node"] == []  # controller, proxy, 3 deployments
+    assert any("ran on the spare node" in line for line in demo_run["stderr"].splitlines())
+
+
+def test_the_distillation_trained_on_features_logged_at_serve_time(demo_run):
+    """Issue 20: a feature drafter's distillation recomputed the target's hidden states that the engine had
+    computed while serving; now the demo logs them (traffic.log_features) and the job reads them."""
+    s = demo_run["summary"]
+    assert s["log_features"] is True
+    assert s["logged_feature_problems"] == "none"
+    assert 0 < s["logged_feature_records"] == s["train_records"]  # every served record carries its features
+    assert s["feature_rows_logged"] > 0 and s["train_seconds"] > 0
+    assert list((demo_run["state"] / "traffic").rglob("*.features.arrow"))
+
+
 def test_every_measured_arm_is_warmed_up_alike(demo_run):
     """Issue 18: "before" used to start cold after the deploy while "after" and "autoregressive" ran warm."""
     rows = [json.loads(line) for line in (demo_run["state"] / "requests.jsonl").read_text().splitlines()]
@@ -121,6 +144,10 @@ def test_mlflow_shows_the_versions_aliases_and_demo_figures(demo_run):
     assert "champion" in versions["2"].aliases
     assert versions["2"].tags.get("parent_version") == "1"
     assert "heldout_acceptance_rate" in versions["2"].metrics  # the gate's evaluation
+    evaluated = json.loads(versions["2"].tags["heldout_engine"])  # ... and the engine settings it measured with
+    s = demo_run["summary"]
+    assert evaluated["num_speculative_tokens"] == "auto" and evaluated["max_batch_size"] == s["concurrency"]
+    assert evaluated["prompt_lookup_max"] == s["engine"]["prompt_lookup_max"]
     assert "served_token_acceptance" in versions["2"].metrics  # what the demo measured while it served
     client = MlflowClient(tracking_uri=url)
     experiment = client.get_experiment_by_name("draftsmith-demo")
@@ -133,8 +160,9 @@ def test_mlflow_shows_the_versions_aliases_and_demo_figures(demo_run):
 
 def test_down_stops_exactly_what_the_demo_started(demo_run):
     services = demo_run["services"]
-    assert services is not None and services.ray_pgid and services.mlflow_pgid
+    assert services is not None and services.ray_pgid and services.mlflow_pgid and services.spare_nodes
     subprocess.run([sys.executable, "-m", "draftsmith.cli", "down", "--state-dir", str(demo_run["state"])],
                    check=True, capture_output=True, timeout=180)
     assert not _alive(services.ray_pgid) and not _alive(services.mlflow_pgid)
+    assert not any(_alive(node.pgid) for node in services.spare_nodes)
     assert LocalServices.read(demo_run["state"]) is None

@@ -4,6 +4,11 @@ Fast: nothing starts (no Ray, no MLflow server); modules are imported and config
 Nothing here skips: a config class, function or manifest that a check names and that is missing or
 renamed fails the check, so that a rename can never turn a check off silently. A new file under infra/
 must be claimed by a check below (test_every_file_is_checked).
+
+Spare compute (issue 20): every cluster config (the local spare node of pipelines/local_services.py, the
+RayService's `spare` group, the RayJob, the cluster launcher's `spare` type) advertises `draftsmith_spare` and
+no CPU on spare nodes only; a SpecPair bundle fits no spare node, and the trigger's job driver plus a
+distillation worker (infra/trigger.yaml, infra/distill.yaml) fit a spare node and no serving one.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ CONFIG_CLASSES = {
 }
 SERVE_CONFIG = ("serve.config", "ServeAppConfig")
 GPU = "nvidia.com/gpu"
+SPARE = "draftsmith_spare"  # the custom resource of spare compute (pipelines.local_services.SPARE_RESOURCE)
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -83,8 +89,30 @@ def _quantity(value) -> float:
     return float(text)
 
 
+def _custom_resources(group: dict, where: str) -> dict[str, float]:
+    """The custom Ray resources of a KubeRay group, as Ray's own KubeRay autoscaler reads them and as the
+    `ray start --resources=...` command that KubeRay generates (through a shell) passes them: the format of
+    `rayStartParams.resources` is a JSON object in double quotes with its inner quotes escaped."""
+    from ray.autoscaler._private.kuberay import autoscaling_config as kuberay
+
+    params = group.get("rayStartParams", {}) or {}
+    assert hasattr(kuberay, "_get_custom_resources"), \
+        "ray's KubeRay autoscaler no longer has _get_custom_resources: renamed? update this check"
+    try:
+        read = kuberay._get_custom_resources(group.get("resources") or {}, params, where)
+    except Exception as error:
+        pytest.fail(f"{where}: Ray's KubeRay autoscaler cannot read rayStartParams.resources "
+                    f"{params.get('resources')!r} (expected like '\"{{\\\"{SPARE}\\\": 4}}\"'): {error!r}")
+    if "resources" in params:
+        (arg,) = shlex.split(f"--resources={params['resources']}")
+        started = json.loads(arg.partition("=")[2])
+        assert started == read, f"{where}: `ray start` would get {started}, the autoscaler reads {read}"
+    return {k: float(v) for k, v in read.items()}
+
+
 def _group_resources(group: dict, where: str) -> dict[str, float]:
-    """One node of a KubeRay head/worker group: the Ray resources it advertises, checked against its pod."""
+    """One node of a KubeRay head/worker group: the Ray resources it advertises (custom ones included),
+    checked against its pod."""
     params = group.get("rayStartParams", {}) or {}
     containers = group["template"]["spec"]["containers"]
     ray_container = containers[0]
@@ -95,7 +123,7 @@ def _group_resources(group: dict, where: str) -> dict[str, float]:
         assert cpu <= _quantity(limits["cpu"]), f"{where}: num-cpus {cpu} exceeds the pod's cpu limit {limits['cpu']}"
     assert gpu == _quantity(limits.get(GPU, 0)), \
         f"{where}: Ray advertises {gpu} GPUs but the pod's {GPU} limit is {limits.get(GPU, 0)}"
-    return {"CPU": cpu, "GPU": gpu}
+    return {"CPU": cpu, "GPU": gpu, **_custom_resources(group, where)}
 
 
 def _worker_groups(cluster_spec: dict, where: str) -> list[tuple[dict, dict[str, float], int]]:
@@ -256,7 +284,8 @@ def test_rayservice_resources_agree():
     cluster = service["spec"]["rayClusterConfig"]
     head = _group_resources(cluster["headGroupSpec"], "RayService head")
     assert head["GPU"] == 0, "GPUs belong to the worker groups"
-    groups = _worker_groups(cluster, "RayService")
+    # Serving capacity: the spare group is checked below (test_rayservice_spare_group_is_never_serving's).
+    groups = [g for g in _worker_groups(cluster, "RayService") if SPARE not in g[1]]
     p, a = cfg.placement, cfg.autoscaling
     bundles = p.bundles or [{"CPU": p.num_cpus, "GPU": p.num_gpus}]
     assert any(b.get("GPU", 0) > 0 for b in bundles), "production SpecPair bundles must hold GPUs"
@@ -276,6 +305,120 @@ def test_rayservice_resources_agree():
     if a.enabled and any(lo < hi for g, _, hi in groups for lo in [g.get("minReplicas", 0)]):
         assert cluster.get("enableInTreeAutoscaling") is True, \
             "Serve autoscaling beyond the running pods needs enableInTreeAutoscaling: true"
+
+
+# ----------------------------------------------------------------------- spare compute (issue 20 item 1)
+
+
+def _serving_bundles() -> tuple[list[dict], dict[str, float]]:
+    _, app = _rayservice_app()
+    p = _validated_serve_args(dict(app["args"]), "RayService").placement
+    bundles = p.bundles or [{"CPU": p.num_cpus, "GPU": p.num_gpus}]
+    return bundles, _add(*bundles)
+
+
+def _trigger_driver() -> dict[str, float]:
+    """What the trigger's job driver asks for (infra/trigger.yaml: entrypoint_num_cpus/gpus/resources)."""
+    cfg = _code_class("pipelines.trigger", "TriggerConfig").model_validate(
+        yaml.safe_load((INFRA / "trigger.yaml").read_text()) or {})
+    return {k: float(v) for k, v in {"CPU": cfg.entrypoint_num_cpus, "GPU": cfg.entrypoint_num_gpus,
+                                      **cfg.entrypoint_resources}.items() if v}
+
+
+def _distill_worker(cfg) -> dict[str, float]:
+    """A Ray Train worker's resources as ScalingConfig sees them (jobs/distill.py passes resources_per_worker)."""
+    from ray.train import ScalingConfig
+
+    scaling = ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                            resources_per_worker=dict(cfg.resources_per_worker))
+    return {k: float(v) for k, v in scaling._resources_per_worker_not_none.items()}
+
+
+def _spare_split(nodes: dict[str, dict[str, float]], where: str) -> tuple[dict, dict]:
+    """(spare nodes, serving nodes) by whether they advertise SPARE; a spare node advertises no CPU."""
+    spare = {n: r for n, r in nodes.items() if r.get(SPARE, 0) > 0}
+    assert spare, f"{where}: no node advertises the custom resource {SPARE} (the spare pool)"
+    for name, resources in spare.items():
+        assert resources.get("CPU", 0) == 0, (f"{where}: spare node {name} advertises CPU {resources['CPU']}: Serve "
+                                              "spreads replicas over nodes with CPU, so serving could land there")
+    return spare, {n: r for n, r in nodes.items() if n not in spare}
+
+
+def _check_split(nodes: dict[str, dict[str, float]], where: str, job_worker: dict[str, float]) -> None:
+    """Serving never fits a spare node; the trigger's driver and a distillation worker fit only spare ones."""
+    spare, serving = _spare_split(nodes, where)
+    bundles, per_replica = _serving_bundles()
+    for name, node in spare.items():
+        for need in (*bundles, per_replica):
+            assert not _fits(need, node), f"{where}: a SpecPair bundle {need} fits the spare node {name} {node}"
+    assert any(_fits(per_replica, node) for node in serving.values()), f"{where}: serving fits no serving node"
+    driver = _trigger_driver()
+    assert driver.get(SPARE, 0) > 0, f"infra/trigger.yaml: the job's driver {driver} does not ask for {SPARE}"
+    assert job_worker.get(SPARE, 0) > 0, f"the distillation worker {job_worker} does not ask for {SPARE}"
+    for need, what in ((driver, "the trigger's job driver"), (job_worker, "a distillation worker")):
+        assert not any(_fits(need, node) for node in serving.values()), f"{where}: {what} {need} fits a serving node"
+    assert any(_fits(_add(driver, job_worker), node) for node in spare.values()), \
+        f"{where}: the driver {driver} and a worker {job_worker} fit no spare node {spare} together"
+
+
+def _cluster_nodes(cluster_spec: dict, where: str) -> dict[str, dict[str, float]]:
+    nodes = {"head": _group_resources(cluster_spec["headGroupSpec"], f"{where} head")}
+    nodes.update({g["groupName"]: node for g, node, _ in _worker_groups(cluster_spec, where)})
+    return nodes
+
+
+def test_distill_yaml_workers_ask_for_spare_compute():
+    cfg = _code_class(*CONFIG_CLASSES["distill.yaml"]).model_validate(
+        yaml.safe_load((INFRA / "distill.yaml").read_text()))
+    worker = _distill_worker(cfg)
+    assert worker.get(SPARE, 0) > 0, f"infra/distill.yaml: resources_per_worker {worker} does not name {SPARE}"
+    assert worker.get("CPU", 0) == 0, f"infra/distill.yaml: a worker asking for CPU ({worker}) fits no spare node"
+
+
+def test_local_spare_node_fits_the_job():
+    """pipelines/local_services.py's spare node (what `draftsmith spare` / start_services(spare_slots) start)
+    against infra/trigger.yaml's driver and infra/distill.yaml's workers; its head has no SPARE."""
+    import inspect
+
+    from pipelines import local_services
+
+    assert local_services.SPARE_RESOURCE == SPARE
+    slots = inspect.signature(local_services.add_spare_node).parameters["slots"].default
+    cmd = local_services.spare_node_command("127.0.0.1:1", node_name="n", slots=slots)
+    args = dict(a.split("=", 1) for a in cmd if a.startswith("--") and "=" in a)
+    spare = {"CPU": float(args["--num-cpus"]), "GPU": float(args.get("--num-gpus", 0)),
+             **{k: float(v) for k, v in json.loads(args["--resources"]).items()}}
+    local_head = {"CPU": 4.0, "GPU": 0.0}  # `ray start --head --num-cpus N`, no --resources
+    assert "--resources" not in inspect.getsource(local_services.start_ray_head), "the head must not carry SPARE"
+    cfg = _code_class(*CONFIG_CLASSES["distill.yaml"]).model_validate(
+        yaml.safe_load((INFRA / "distill.yaml").read_text()))
+    worker = _distill_worker(cfg)
+    need = _add(_trigger_driver(), *([worker] * cfg.num_workers))
+    assert _fits(need, spare), f"the local spare node {spare} cannot hold the driver and {cfg.num_workers} workers {need}"
+    assert not _fits(_trigger_driver(), local_head) and not _fits(worker, local_head)
+
+
+def test_rayservice_spare_group_is_never_serving(monkeypatch):
+    from ray.autoscaler._private.kuberay.autoscaling_config import _get_labels_from_group_spec
+
+    from pipelines.local_services import SPARE_LABEL
+
+    service, _ = _rayservice_app()
+    cluster = service["spec"]["rayClusterConfig"]
+    nodes = _cluster_nodes(cluster, "RayService")
+    assert nodes["head"].get(SPARE, 0) == 0, "the RayService head must not carry the spare resource"
+    _, job_cfg = _distill_config_of_rayjob(monkeypatch)  # the production worker (GPU) of the same job
+    _check_split(nodes, "infra/kuberay/rayservice.yaml", _distill_worker(job_cfg))
+    for group in cluster["workerGroupSpecs"]:
+        labels = _get_labels_from_group_spec(group, group["groupName"])
+        if SPARE in _group_resources(group, group["groupName"]):
+            assert labels.get(SPARE_LABEL[0]) == SPARE_LABEL[1], \
+                f"spare group {group['groupName']}: label {SPARE_LABEL[0]}={SPARE_LABEL[1]} (as the local spare node)"
+            assert group.get("minReplicas", 0) == 0, "spare pods exist only while a job asks for them"
+            mounts = [m["mountPath"] for c in group["template"]["spec"]["containers"] for m in c.get("volumeMounts", [])]
+            assert any(job_cfg.state_dir.startswith(m.rstrip("/") + "/") for m in mounts), \
+                f"spare group {group['groupName']}: state_dir {job_cfg.state_dir} is on no mounted volume"
+    assert cluster.get("enableInTreeAutoscaling") is True, "spare pods (minReplicas 0) come from the autoscaler"
 
 
 # ------------------------------------------------------------------------------------ KubeRay RayJob
@@ -370,7 +513,8 @@ def test_rayjob_resources_are_spare_capacity(monkeypatch):
             f"{cfg.num_workers} workers x {need} {key} > the job's worker groups' {capacity.get(key, 0)}"
     # spare capacity: the job's GPU quota is below serving's
     service, _ = _rayservice_app()
-    serving_gpus = sum(node["GPU"] * hi for _, node, hi in _worker_groups(service["spec"]["rayClusterConfig"], "RS"))
+    serving_gpus = sum(node["GPU"] * hi for _, node, hi in _worker_groups(service["spec"]["rayClusterConfig"], "RS")
+                       if SPARE not in node)
     assert capacity["GPU"] < serving_gpus, f"distillation may take {capacity['GPU']} GPUs, serving {serving_gpus}"
     # Ray Train storage and the staged dataset must be visible to the driver (head) and every worker
     for group in _all_groups(cluster):
@@ -386,6 +530,14 @@ def test_rayjob_resources_are_spare_capacity(monkeypatch):
 
 def test_ray_cluster_launcher_config():
     cfg = _doc(CLUSTER)
+    import jsonschema
+    import ray.autoscaler
+
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    try:  # the schema `ray up` validates against (integer resources, known keys)
+        jsonschema.validate(cfg, schema)
+    except jsonschema.ValidationError as error:
+        pytest.fail(f"infra/ray-cluster.yaml does not satisfy Ray's cluster config schema: {error.message}")
     for key in ("cluster_name", "provider", "available_node_types", "head_node_type", "max_workers",
                 "setup_commands", "head_start_ray_commands", "worker_start_ray_commands"):
         assert key in cfg, f"infra/ray-cluster.yaml lacks {key}"
@@ -411,9 +563,18 @@ def test_ray_cluster_launcher_fits_serving_and_distillation():
     _, app = _rayservice_app()
     serving = _validated_serve_args(dict(app["args"]), "RayService")
     types = {n: t for n, t in cfg["available_node_types"].items() if n != cfg["head_node_type"]}
-    serve_types = {n: t for n, t in types.items() if "distill" not in t["resources"]}
-    spare_types = {n: t for n, t in types.items() if "distill" in t["resources"]}
-    assert spare_types, "a node type with the custom resource `distill` models the spare pool"
+    serve_types = {n: t for n, t in types.items() if SPARE not in t["resources"]}
+    spare_types = {n: t for n, t in types.items() if SPARE in t["resources"]}
+    assert spare_types, f"a node type with the custom resource `{SPARE}` models the spare pool"
+    from pipelines.local_services import SPARE_LABEL
+
+    for name, t in spare_types.items():
+        assert (t.get("labels") or {}).get(SPARE_LABEL[0]) == SPARE_LABEL[1], \
+            f"spare node type {name}: label {SPARE_LABEL[0]}={SPARE_LABEL[1]} (as the local spare node)"
+    nodes = {n: {k: float(v) for k, v in t["resources"].items()} for n, t in cfg["available_node_types"].items()}
+    assert SPARE not in nodes[cfg["head_node_type"]]
+    # The smallest GPU distillation worker (the header's example asks for more of the node's cores).
+    _check_split(nodes, "infra/ray-cluster.yaml", {"GPU": 1.0, SPARE: 1.0})
     p = serving.placement
     bundles = p.bundles or [{"CPU": p.num_cpus, "GPU": p.num_gpus}]
     per_replica = _add(*bundles)

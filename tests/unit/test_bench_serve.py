@@ -70,3 +70,34 @@ def test_speculation_summary_from_the_responses():
         {"drafted": 0, "accepted": 0, "compared": 0, "steps": 4, "policy_off_steps": 4, "proposer": "none"}])
     assert summary["acceptance_rate"] == 0.5 and summary["mean_drafted_per_step"] == 0.75
     assert summary["policy_off_step_share"] == 0.625 and summary["proposers"] == {"drafter": 1, "none": 1}
+
+
+def test_engine_settings_come_from_the_app_config_then_the_flags(tmp_path):
+    """Every arm (HTTP and in-process) serves the app config's engine settings, a flag overrides one, and the
+    sizes the benchmark derives (gamma, batch slots, context) never come from the file."""
+    from pipelines.bench_serve import engine_config, resolve_drafter
+
+    config = tmp_path / "serve.yaml"
+    config.write_text("applications:\n  - args:\n      drafter: feature:last1\n      engine:\n"
+                      "        prompt_lookup_max: 3\n        prompt_lookup_min: 1\n        max_batch_size: 99\n"
+                      "        default_max_tokens: 7\n")
+    args = _parser().parse_args(["--app-config", str(config), "-c", "1,4", "--prompt-lookup-min", "2"])
+    resolve_drafter(args)
+    settings = engine_config(args)
+    assert args.drafter == "feature:last1"
+    assert (settings.prompt_lookup_max, settings.prompt_lookup_min) == (3, 2)
+    assert settings.max_batch_size == 4 and settings.num_speculative_tokens == "auto"
+    explicit = _parser().parse_args(["--app-config", str(config), "--drafter", "none"])
+    resolve_drafter(explicit)
+    assert explicit.drafter is None
+
+
+def test_the_default_app_config_is_the_served_one():
+    """Without --app-config the benchmark serves infra/serve.yaml's drafter and engine settings."""
+    from pipelines.bench_serve import app_config_args, engine_config, resolve_drafter
+
+    args = _parser().parse_args([])
+    resolve_drafter(args)
+    served = app_config_args(args.app_config)
+    assert args.drafter == served["drafter"]
+    assert engine_config(args).prompt_lookup_max == served["engine"]["prompt_lookup_max"]

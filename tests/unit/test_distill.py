@@ -338,3 +338,20 @@ def test_backfill_scores_conversations(tmp_path, target):
     seq = torch.tensor([r["prompt_token_ids"] + r["output_token_ids"][:-1]])
     logp = target.model(input_ids=seq).logits[0, len(r["prompt_token_ids"]) - 1:].log_softmax(-1)
     assert torch.equal(logp.topk(4).indices, torch.tensor(r["target_topk_ids"]))
+
+
+def test_target_feature_cache_takes_logged_rows_and_computes_only_the_others(target, records):
+    """Detects: the target's forward running for rows whose features were logged at serve time, or a logged
+    row's features landing in another row. (Logged rows come from draftsmith.traffic_features; here stand-ins.)"""
+    from draftsmith.distill import TargetFeatureCache, teacher_features
+
+    batch = collate(records[:3])
+    fresh = teacher_features(target.model, batch)
+    lengths = batch.input_lengths.tolist()
+    marker = torch.full((lengths[1], fresh.shape[-1]), 7.0, dtype=torch.float16)
+    cache = TargetFeatureCache(target.model, max_bytes=0)
+    out = cache.features(["a", "b", "c"], batch, logged=[None, marker, None])
+    assert cache.computed == 2 and cache.logged == 1
+    assert torch.equal(out[1, : lengths[1]], marker.float()) and not out[1, lengths[1]:].any()
+    for i in (0, 2):
+        torch.testing.assert_close(out[i, : lengths[i]], fresh[i, : lengths[i]])

@@ -6,6 +6,8 @@ Nothing is built or pulled here (no network): the files are read and compared. W
 - the base image's Python (`py311`) = the manifests' `rayproject/ray` tags', and satisfies `requires-python`;
 - the project version in `ghcr.io/draftsmith/draftsmith:<version>-ray<ray>-<variant>` = pyproject's `version`,
   and <variant> is one the Dockerfile builds;
+- every cluster config runs the project image, not a bare `rayproject/ray` one: the KubeRay containers, and the
+  cluster launcher's `docker` images (infra/ray-cluster.yaml), which must be a tag the KubeRay manifests name;
 - the Dockerfile's torch = the Makefile's TORCH_PIN, within pyproject's torch range; the embedded wheels it
   installs with --no-deps are the Makefile's.
 """
@@ -201,3 +203,24 @@ def test_kuberay_ray_version_and_images(path):
     assert images, f"{rel(path)}: no container image"
     others = [i for i in images if not i.startswith(PROJECT_IMAGE + ":")]
     assert not others, f"{rel(path)}: containers must run the project image {PROJECT_IMAGE}, not {others}"
+
+
+def launcher_images(cfg: dict) -> list[str]:
+    """The container images of a cluster launcher config: `docker.image`/`head_image`/`worker_image`, and the
+    per-node-type `docker` overrides."""
+    sections = [cfg.get("docker") or {}] + [t.get("docker") or {} for t in cfg.get("available_node_types", {}).values()]
+    return [str(d[k]) for d in sections for k in ("image", "head_image", "worker_image") if d.get(k)]
+
+
+def test_cluster_launcher_runs_the_project_image():
+    path = REPO / "infra" / "ray-cluster.yaml"
+    (cfg,) = yaml_docs(path)
+    images = launcher_images(cfg)
+    assert images, f"{rel(path)}: no docker.image (the launcher would run the nodes' own Python, not the image)"
+    kuberay = {str(i) for p in KUBERAY for d in yaml_docs(p) for i in find_key(d, "image")}
+    for image in images:
+        repo, _, tag = image.partition(":")
+        assert repo == PROJECT_IMAGE, (f"{rel(path)}: runs {image}; the cluster image is {PROJECT_IMAGE} "
+                                       f"(infra/docker/Dockerfile), as in infra/kuberay/")
+        assert image in kuberay, f"{rel(path)}: {image} is not the tag the KubeRay manifests run ({sorted(kuberay)})"
+

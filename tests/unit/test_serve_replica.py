@@ -346,3 +346,32 @@ def test_metrics_per_position_length_and_policy():
     assert m.predicted_speedup.calls == [(1.3, tags)] and m.measured_speedup.calls == [(1.1, tags)]
     assert m.policy_alpha.calls == [(0.8, {"model": "m", "proposer": "drafter:v1", "position": "1"}),
                                     (0.5, {"model": "m", "proposer": "drafter:v1", "position": "2"})]
+
+
+def test_serving_actors_ask_for_a_node_that_is_not_a_spare_node():
+    """Detects: an Ingress, TrafficLogger or SpecPair replica (or a bundle of its placement group) without the
+    selector that keeps it off the spare nodes distillation runs on (a zero-CPU actor fits a CPU-less spare node,
+    and Serve then starts a proxy there), a selector Serve 2.60 refuses, or one that would not match the head."""
+    from ray._raylet import node_labels_match_selector  # the matcher Serve's and Ray's schedulers use
+
+    from serve.app import Ingress
+    from serve.config import SERVING_LABEL_SELECTOR, ServeAppConfig
+    from serve.logger import TrafficLogger
+    from serve.spec_pair import SpecPair
+
+    assert SERVING_LABEL_SELECTOR == {"draftsmith.io/pool": "!spare"}  # pipelines.local_services.SPARE_LABEL's key
+    for deployment in (Ingress, TrafficLogger):
+        assert deployment.ray_actor_options["label_selector"] == SERVING_LABEL_SELECTOR, deployment.name
+        assert deployment.ray_actor_options["num_cpus"] == 0
+    plain = ServeAppConfig(target="tiny").spec_pair_options()
+    assert plain["ray_actor_options"]["label_selector"] == SERVING_LABEL_SELECTOR
+    grouped = ServeAppConfig(target="tiny", placement={"bundles": [{"CPU": 1, "GPU": 1}, {"GPU": 1}],
+                                                       "num_gpus": 1, "strategy": "STRICT_PACK"}).spec_pair_options()
+    assert grouped["placement_group_bundle_label_selector"] == [SERVING_LABEL_SELECTOR] * 2
+    assert "label_selector" not in grouped["ray_actor_options"]  # in a group, the bundles choose the node
+    for options in (plain, grouped):  # Serve's own validation of the options (raises on what it does not accept)
+        assert SpecPair.options(**options).ray_actor_options["num_cpus"] >= 0
+    head, spare = {}, {"draftsmith.io/pool": "spare"}  # the head carries no pool label
+    assert node_labels_match_selector(head, SERVING_LABEL_SELECTOR)
+    assert node_labels_match_selector({"draftsmith.io/pool": "serve"}, SERVING_LABEL_SELECTOR)
+    assert not node_labels_match_selector(spare, SERVING_LABEL_SELECTOR)

@@ -47,3 +47,26 @@ def test_plot_marks_the_version_change(tmp_path):
             _row("after", 4, 5, version="2")]
     path = plot_timeline(windows(rows, 1), tmp_path / "plot.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_the_drafters_own_acceptance_leaves_prompt_lookup_out():
+    """Pooled over requests, the drafter's token acceptance counts only the positions the drafter proposed: a
+    phase whose lookup proposals are all accepted and whose drafter proposals are all rejected reads 0.0, while
+    the mixed token acceptance reads 0.5."""
+    rows = [dict(phase="after", started=0.0, finished=1.0, completion_tokens=8, drafter_version="2", drafted=8,
+                 accepted=4, compared=8, lookup_accepted=4, lookup_compared=4, steps=4, emitted_in_steps=8)]
+    group = phase_summary(rows, "after")
+    assert group.token_acceptance == 0.5 and group.drafter_token_acceptance == 0.0
+    assert group.as_dict()["drafter_token_acceptance"] == 0.0
+    assert "drafter acc" in format_table([group])
+
+
+def test_request_stats_count_lookup_positions_apart():
+    """record_step counts the compared positions of lookup's drafts apart from the drafter's."""
+    from draftsmith.request_stats import RequestStats
+
+    stats = RequestStats()
+    stats.record_step(3, 3, "lookup")  # 3 positions compared, all accepted
+    stats.record_step(4, 1, "drafter")  # positions 1-2 compared, 1 accepted
+    assert (stats.compared, stats.lookup_compared) == (5, 3)
+    assert stats.token_acceptance == 4 / 5 and stats.drafter_token_acceptance == 1 / 2

@@ -71,9 +71,13 @@ class FakeClock:
 
 
 def test_schema_field_order_matches_record():
+    """Every field of a record is a column, in order, except `features`: those go to a side file
+    (draftsmith.traffic_features), never into the Parquet part."""
     import dataclasses
 
-    assert [f.name for f in dataclasses.fields(TrafficRecord)] == TRAFFIC_SCHEMA.names
+    names = [f.name for f in dataclasses.fields(TrafficRecord)]
+    assert names[:-1] == TRAFFIC_SCHEMA.names and names[-1] == "features"
+    assert "features" not in make_record(0).to_row()
     assert TRAFFIC_SCHEMA.field("seed").nullable and not TRAFFIC_SCHEMA.field("request_id").nullable
 
 
@@ -364,7 +368,7 @@ def test_a_file_written_before_the_new_columns_still_reads(tmp_path):
 
     from draftsmith.traffic import TRAFFIC_SCHEMA, TrafficRecord, TrafficWriter, scan_traffic
 
-    new = ("verify_steps", "policy_off_steps", "proposer", "lookup_drafted", "lookup_accepted")
+    new = ("verify_steps", "policy_off_steps", "proposer", "lookup_drafted", "lookup_accepted", "lookup_compared")
     now = dt.datetime(2026, 3, 1, 12, tzinfo=dt.timezone.utc)
     base = dict(created_at=now, target_id="t", target_revision="r", tokenizer_hash="h", temperature=0.0,
                 max_tokens=2, prompt_token_ids=[1], output_token_ids=[2], target_topk_ids=[[2]],
@@ -375,7 +379,7 @@ def test_a_file_written_before_the_new_columns_still_reads(tmp_path):
     folder.mkdir(parents=True)
     _pq.write_table(_pa.Table.from_pylist([old_row], schema=old_schema), folder / "part-old.parquet")
     fresh = TrafficRecord(request_id="new", verify_steps=5, policy_off_steps=2, proposer="drafter+lookup",
-                          lookup_drafted=3, lookup_accepted=1, **base)
+                          lookup_drafted=3, lookup_accepted=1, lookup_compared=2, **base)
     with TrafficWriter(tmp_path / "log") as writer:
         writer.add(fresh)
     scan = scan_traffic(tmp_path / "log")
