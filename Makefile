@@ -23,10 +23,9 @@ demo: setup
 	$(BIN)/draftsmith demo --quick
 
 # `heavy` tests take minutes each on a 2-core CPU: `make test-heavy` runs them (pytest reports them deselected).
-# Two pytest-xdist workers: the services tests (one group, one Ray cluster and MLflow server) beside the rest;
-# the 25 slowest tests are listed at the end.
+# The 25 slowest tests are listed at the end.
 test: setup
-	$(BIN)/python -m pytest -q -ra -n 2 --dist loadgroup --durations=25 -m "not heavy" tests
+	$(BIN)/python -m pytest -q -ra --durations=25 -m "not heavy" tests
 
 test-unit: setup
 	$(BIN)/python -m pytest -q -ra tests/unit

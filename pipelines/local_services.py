@@ -100,13 +100,15 @@ def _ray_cli() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "ray.scripts.scripts"]
 
 
-def start_ray_head(state_dir: Path, *, num_cpus: int, dashboard_port: int = 8265, gcs_port: int = 6379,
+def start_ray_head(state_dir: Path, *, num_cpus: int, dashboard_port: int = 8265, gcs_port: int | None = None,
                    timeout_s: float = 120.0) -> tuple[str, str, int]:
     # Ports 10002-19999 are Ray's worker ports: keep the dashboard and GCS outside them.
     """`ray start --head --block` on loopback in its own process group; returns (GCS address, dashboard URL,
     process group id). Stopping that process group stops exactly this cluster (`ray stop` would stop every
     Ray cluster of this user on the machine, a test suite's included)."""
-    gcs_port = pick_port(gcs_port)
+    # The GCS port is recorded, never typed by a user: a free one, not Ray's default 6379, which a cluster started
+    # at the same moment (a test session's `ray.init()`) may also find free and take.
+    gcs_port = free_port() if gcs_port is None else pick_port(gcs_port)
     dashboard_port = pick_port(dashboard_port)
     log_path = Path(state_dir) / "ray-head.log"
     cmd = _ray_cli() + ["start", "--head", "--block", f"--node-ip-address={LOOPBACK}", f"--port={gcs_port}",

@@ -7,6 +7,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray reads its authentication mode when it is first imported: the whole session runs in token mode, as the
+# clusters `pipelines/local_services.py` starts do (a process that imported Ray without it cannot join them).
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One intra-op thread per process: the suite runs Ray workers, Serve replicas and MLflow beside pytest on
 # two cores, and oversubscribed OpenMP threads spin-wait (small ops were ~15x slower with 2 threads).
@@ -38,6 +41,8 @@ def ray_cluster():
             configure_logging=False,
         )
     yield ray
+    if not ray.is_initialized():  # a test shut Ray down: serve.shutdown() would wait for a cluster that is gone
+        return
     try:
         from ray import serve
 
@@ -45,13 +50,4 @@ def ray_cluster():
     except Exception:  # Serve may never have started
         pass
     ray.shutdown()
-
-
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`) every `integration` test runs on one worker:
-    the session's Ray cluster and MLflow server start once, and the services tests (which wait on HTTP, Ray
-    and subprocesses much of the time) overlap with the CPU-bound unit and SmolLM2 tests on the other."""
-    for item in items:
-        if item.get_closest_marker("integration"):
-            item.add_marker(pytest.mark.xdist_group("services"))
 

@@ -9,7 +9,6 @@ gains. It takes minutes on a 2-core CPU (three Ray jobs): `heavy`.
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,18 +17,11 @@ import pytest
 
 from draftsmith.ports import pick_port
 from pipelines.local_services import LocalServices
+from processes import group_alive  # tests/processes.py (tests/ is on sys.path: tests/conftest.py lives there)
 
 pytestmark = [pytest.mark.integration, pytest.mark.heavy, pytest.mark.timeout(1800)]
 
 CHAT_N, CODE_N, EVERY, HELDOUT = 12, 16, 8, 4
-
-
-def _alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @pytest.fixture(scope="module")

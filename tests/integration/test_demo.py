@@ -11,7 +11,6 @@ lookup beside it and `num_speculative_tokens: auto`.
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,16 +19,9 @@ import pytest
 
 from draftsmith.ports import pick_port
 from pipelines.local_services import LocalServices
+from processes import group_alive  # tests/processes.py (tests/ is on sys.path: tests/conftest.py lives there)
 
 pytestmark = pytest.mark.integration
-
-
-def _alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +155,6 @@ def test_down_stops_exactly_what_the_demo_started(demo_run):
     assert services is not None and services.ray_pgid and services.mlflow_pgid and services.spare_nodes
     subprocess.run([sys.executable, "-m", "draftsmith.cli", "down", "--state-dir", str(demo_run["state"])],
                    check=True, capture_output=True, timeout=180)
-    assert not _alive(services.ray_pgid) and not _alive(services.mlflow_pgid)
-    assert not any(_alive(node.pgid) for node in services.spare_nodes)
+    assert not group_alive(services.ray_pgid) and not group_alive(services.mlflow_pgid)
+    assert not any(group_alive(node.pgid) for node in services.spare_nodes)
     assert LocalServices.read(demo_run["state"]) is None

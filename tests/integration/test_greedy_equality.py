@@ -20,7 +20,6 @@ from draftsmith.datasets_io import load_prompt_source
 from draftsmith.models import EMBEDDED_TARGET, derive_from_spec, load_model
 from draftsmith.sampling import SamplingParams
 from draftsmith.specdec import EngineConfig, Request, SpecEngine, runner_for
-from threads import intra_op_threads  # tests/threads.py (tests/ is on sys.path: tests/conftest.py lives there)
 
 pytestmark = pytest.mark.slow
 
@@ -29,10 +28,9 @@ N_PROMPTS, NEW_TOKENS, MAX_PROMPT_TOKENS, GAMMA = 16, 64, 160, 4
 
 @pytest.fixture(scope="module", autouse=True)
 def two_threads():
-    """This module starts no Ray work: its decoding may use both cores (the suite's default is one thread) unless
-    another pytest-xdist worker runs beside it."""
+    """This module starts no Ray work: its decoding may use both cores (the suite's default is one thread)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(intra_op_threads(2))
+    torch.set_num_threads(2)
     yield
     torch.set_num_threads(threads)
 

@@ -22,22 +22,12 @@ from pathlib import Path
 
 import pytest
 
+from draftsmith.ports import free_port
 from pipelines.local_services import (SPARE_LABEL, SPARE_RESOURCE, LocalServices, add_spare_node, start_ray_head,
                                       stop_services)
+from processes import group_alive  # tests/processes.py (tests/ is on sys.path: tests/conftest.py lives there)
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def _alive(pgid: int) -> bool:
-    try:
-        os.waitpid(pgid, os.WNOHANG)  # this process started the group: reap its leader (a zombie is "alive")
-    except ChildProcessError:
-        pass
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +35,13 @@ def cluster(tmp_path_factory):
     """Head (1 CPU, no spare resource) + spare node (CPU 0, draftsmith_spare 2); a connected driver."""
     os.environ.setdefault("RAY_AUTH_MODE", "token")  # before Ray is imported (start_ray_head does the same)
     state = tmp_path_factory.mktemp("two-node")
-    address, url, pgid = start_ray_head(state, num_cpus=1)
+    # Free ports: another worker's cluster may be starting at this moment (pytest-xdist).
+    address, url, pgid = start_ray_head(state, num_cpus=1, dashboard_port=free_port())
     LocalServices(ray_address=address, dashboard_url=url, mlflow_url="", mlflow_pgid=None, ray_pgid=pgid).write(state)
     import ray
 
+    if ray.is_initialized():  # a serial run's session cluster (tests/conftest.py): this driver joins another one
+        ray.shutdown()
     try:
         spare = add_spare_node(state, slots=2, object_store_memory=100 * 1024 ** 2, timeout_s=120)
         ray.init(address=address, configure_logging=False, log_to_driver=False)
@@ -193,7 +186,7 @@ def test_down_stops_both_nodes(cluster):
     assert any("spare node" in s for s in stopped) and any("Ray cluster" in s for s in stopped), stopped
     for pgid in (cluster["spare"].pgid, cluster["head_pgid"]):
         deadline = time.monotonic() + 30
-        while _alive(pgid) and time.monotonic() < deadline:
+        while group_alive(pgid) and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert not _alive(pgid), f"process group {pgid} survived stop_services"
+        assert not group_alive(pgid), f"process group {pgid} survived stop_services"
     assert LocalServices.read(cluster["state"]) is None

@@ -19,18 +19,7 @@ import time
 import pytest
 
 from pipelines import local_services as ls
-
-
-def _alive(pgid: int) -> bool:
-    try:
-        os.waitpid(pgid, os.WNOHANG)  # reap it if it is our child (a zombie counts as alive otherwise)
-    except ChildProcessError:
-        pass
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+from processes import group_alive  # tests/processes.py (tests/ is on sys.path: tests/conftest.py lives there)
 
 
 def _sleeper() -> int:
@@ -91,7 +80,7 @@ def test_node_that_never_joins_is_an_error_and_is_stopped(fake_ray, monkeypatch,
         ls.start_spare_node(tmp_path, head_address="127.0.0.1:9", dashboard_url="http://127.0.0.1:9", timeout_s=2)
     assert "ray-draftsmith-spare-" in str(error.value) and "waiting for the head" in str(error.value), \
         "the error must name the node's log and show its end"
-    assert not _alive(_pid(tmp_path)), "a node that did not join must not be left running"
+    assert not group_alive(_pid(tmp_path)), "a node that did not join must not be left running"
 
 
 def test_node_that_exits_is_an_error_with_its_log(fake_ray, monkeypatch, tmp_path):
@@ -124,11 +113,11 @@ def test_spare_node_is_recorded_and_down_stops_it_with_the_head(fake_ray, monkey
     assert node.resources == {"CPU": 0.0, ls.SPARE_RESOURCE: 2.0}
     assert asked[0] == ("http://127.0.0.1:9", node.node_name)
     assert ls.LocalServices.read(tmp_path).spare_nodes == [node]
-    assert _alive(node.pgid) and _alive(head)
+    assert group_alive(node.pgid) and group_alive(head)
 
     stopped = ls.stop_services(tmp_path)
     assert len(stopped) == 2 and "spare node" in stopped[0] and "Ray cluster" in stopped[1], stopped
-    assert not _alive(node.pgid) and not _alive(head)
+    assert not group_alive(node.pgid) and not group_alive(head)
     assert ls.LocalServices.read(tmp_path) is None
 
 
@@ -144,7 +133,7 @@ def test_down_kills_a_node_that_ignores_sigterm(monkeypatch, tmp_path):
     started = time.monotonic()
     assert len(ls.stop_services(tmp_path)) == 1
     assert time.monotonic() - started < 10
-    assert not _alive(stubborn.pid)
+    assert not group_alive(stubborn.pid)
 
 
 def test_draftsmith_spare_command(fake_ray, monkeypatch, tmp_path, capsys):
