@@ -1,6 +1,6 @@
 """`draftsmith bench shift`'s pure parts (schedule, figures, JSON) and its trigger loop, without Ray or a model.
 
-Each test says what it detects; the whole command runs in tests/integration/test_bench_shift.py."""
+Each test says what it detects; the whole command runs in tests/integration/test_bench_shift_end_to_end.py."""
 
 import datetime as dt
 import json
