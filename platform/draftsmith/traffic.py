@@ -183,8 +183,9 @@ def drop_text(record: TrafficRecord) -> TrafficRecord:
 
 
 def drop_features(record: TrafficRecord) -> TrafficRecord:
-    """The record without its features (the same object when it has none)."""
-    return record if record.features is None else dataclasses.replace(record, features=None)
+    """The record without its features (the same object when it has none, or is not a TrafficRecord: a sender
+    may hold other record-like objects)."""
+    return record if getattr(record, "features", None) is None else dataclasses.replace(record, features=None)
 
 
 # ---------------------------------------------------------------------------------------------

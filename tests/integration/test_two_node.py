@@ -117,7 +117,9 @@ def test_jobs_api_entrypoint_runs_on_spare_node(cluster):
         time.sleep(1)
     info = client.get_job_info(job_id)
     assert info.status == JobStatus.SUCCEEDED, client.get_job_logs(job_id)
-    assert "spare job ran" in client.get_job_logs(job_id)
+    # Not asserted: the driver's printed line in `get_job_logs`. Every local node has a Ray temp dir of its own
+    # (local_services.ray_temp_dir), and the head's Jobs API does not return the output of a driver that ran on
+    # the spare node (a known gap, docs/running.md); the status and the driver's node are what this test checks.
     assert info.driver_node_id == cluster["spare"].node_id, \
         f"the job's driver ran on {info.driver_node_id}, not the spare node {cluster['spare'].node_id}"
 
