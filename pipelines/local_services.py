@@ -291,21 +291,27 @@ def _stop_groups(pgids: list[int], *, timeout_s: float) -> set[int]:
     return signalled
 
 
+def group_alive(pgid: int) -> bool:
+    """Whether any process of group `pgid` is alive. When this process started the group (the demo without
+    --leave-up, a test), its leader stays a zombie, and the group "alive", until reaped here."""
+    try:
+        os.waitpid(pgid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _wait_groups(pgids: set[int], timeout_s: float) -> set[int]:
     """Wait until these process groups are empty or `timeout_s` passed; returns those left."""
     left = set(pgids)
     deadline = time.monotonic() + timeout_s
     while left:
         for pgid in list(left):
-            try:
-                # When this process started the group (the demo without --leave-up, a test), its leader stays
-                # a zombie, and the group "alive", until reaped here.
-                os.waitpid(pgid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
+            if not group_alive(pgid):
                 left.discard(pgid)
         if not left or time.monotonic() >= deadline:
             break

@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 from draftsmith.ports import pick_port
-from pipelines.local_services import LocalServices
-from processes import group_alive  # tests/processes.py (tests/ is on sys.path: tests/conftest.py lives there)
+from pipelines.local_services import LocalServices, group_alive
 
 pytestmark = [pytest.mark.integration, pytest.mark.heavy, pytest.mark.timeout(1800)]
 

@@ -23,9 +23,8 @@ from pathlib import Path
 import pytest
 
 from draftsmith.ports import free_port
-from pipelines.local_services import (SPARE_LABEL, SPARE_RESOURCE, LocalServices, add_spare_node, start_ray_head,
-                                      stop_services)
-from processes import group_alive  # tests/processes.py (tests/ is on sys.path: tests/conftest.py lives there)
+from pipelines.local_services import (SPARE_LABEL, SPARE_RESOURCE, LocalServices, add_spare_node, group_alive,
+                                      start_ray_head, stop_services)
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -19,7 +19,7 @@ import time
 import pytest
 
 from pipelines import local_services as ls
-from processes import group_alive  # tests/processes.py (tests/ is on sys.path: tests/conftest.py lives there)
+from pipelines.local_services import group_alive
 
 
 def _sleeper() -> int:
