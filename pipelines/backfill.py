@@ -175,12 +175,14 @@ def _prompt_ids(target: LoadedModel, prompt, max_prompt_tokens: int) -> list[int
 def generate_records(target: LoadedModel, drafter: Drafter | None, prompts: Sequence, *,
                      engine: EngineConfig = EngineConfig(), max_tokens: int = 64, temperature: float = 0.0,
                      max_prompt_tokens: int = 384, drafter_version: str | None = None,
-                     keep_text: bool = False) -> list[TrafficRecord]:
+                     keep_text: bool = False, capture_features: bool = False) -> list[TrafficRecord]:
     """Run the engine on prompts (strings, message lists or token ids) and return served-style records.
 
     `engine` is the engine configuration (gamma or `auto`, batch size, top-k logged, seed, prompt lookup),
     as Serve's `engine:` section; only the context length grows when the prompts need it. Records are made
     by Serve's own `record_from_result`, so they say what the engine really did, as served records do.
+    `capture_features`: the records carry the target's features, as Serve logs them with
+    `traffic.log_features` (the writer puts them in side files, draftsmith.traffic_features).
     """
     from draftsmith.sampling import SamplingParams
     from draftsmith.specdec import Request, SpecEngine, runner_for
@@ -199,7 +201,8 @@ def generate_records(target: LoadedModel, drafter: Drafter | None, prompts: Sequ
     spec = SpecEngine(runner_for(target.model, prepack=config.prepack_weights),
                       None if drafter is None else runner_for(None, drafter, prepack=config.prepack_weights),
                       config=config, eos_token_ids=target.eos_token_ids, drafter_version=version or "none",
-                      decode=lambda t: tok.decode(t, skip_special_tokens=True))
+                      decode=lambda t: tok.decode(t, skip_special_tokens=True),
+                      capture_features=capture_features)
     requests = [Request(f"gen-{config.seed}-{i}", p,
                         SamplingParams(max_tokens=max_tokens, temperature=temperature,
                                        seed=None if temperature == 0 else config.seed + i))

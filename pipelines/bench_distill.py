@@ -19,6 +19,21 @@ stdout line is one JSON object (records, train_tokens, train_seconds, *_before /
 autoregressive_tok_s, speedup_after, cost_ratio, verify_cost_ratio, the Leviathan predictions, warmup,
 measures: which figures are end to end and which decode phase only, ...).
 
+    draftsmith bench distill --in-process --feature-drafter --traffic generate --compare-logged-features
+
+`--compare-logged-features` (with `--feature-drafter`, `--traffic generate` and `--in-process`) measures
+what reading the target's features logged at serve time saves in training: the generated traffic is
+logged with its features, as Serve logs them with `traffic.log_features` (the engine captures them, the
+traffic writer puts them in side files: draftsmith.traffic_features); then the same derived drafter is
+trained twice, same seed, steps, data and threads, each arm first warmed by one untimed step of a
+throwaway copy: once reading the logged features (`DistillConfig.logged_features`, the job's default), once
+recomputing them with the target's forward. Unless --steps or --epochs is given, each arm runs one epoch,
+so every record is seen about once: train() keeps recomputed features per record (TargetFeatureCache),
+and later epochs would cost the recomputed arm nothing more. The logged arm's drafter is the "after"
+drafter; both are evaluated on the held-out prompts. The JSON adds train_seconds_{logged,recomputed}_features,
+train_seconds_per_record_{logged,recomputed}, logged_features_speedup (recomputed / logged seconds per
+record), each arm's feature rows logged / computed (TrainResult) and its held-out figures.
+
 Not here: serving, the registry (no MLflow is needed), the trigger.
 """
 
@@ -92,6 +107,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max-train-minutes", type=float, default=None,
                    help="stop the in-process training after this long (a compute budget; the steps run are reported)")
     p.add_argument("--no-train-head", action="store_true", help="freeze the final norm and trimmed head")
+    p.add_argument("--compare-logged-features", action="store_true",
+                   help="log the generated traffic with the target's features, then train twice (reading the "
+                   "logged features, recomputing them) and report the training time per record of each "
+                   "(needs --feature-drafter, --traffic generate and --in-process)")
     # training backend
     p.add_argument("--in-process", action="store_true", help="train here, no Ray (quick runs)")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (> 1 implies Ray)")
@@ -120,6 +139,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"--user-turns must be >= 1, got {args.user_turns}")
     if args.workers > 1 and args.in_process:
         p.error("--in-process trains in one process: drop it to use --workers > 1 (Ray Train)")
+    if args.compare_logged_features:
+        if not args.feature_drafter:
+            p.error("--compare-logged-features compares the feature sources of a feature drafter: add "
+                    "--feature-drafter")
+        if args.traffic != "generate":
+            p.error("--compare-logged-features needs traffic logged with features, which only the engine "
+                    "produces: add --traffic generate")
+        if not args.in_process:
+            p.error("--compare-logged-features times the in-process training loop: add --in-process")
+        if args.max_train_minutes:
+            p.error("--compare-logged-features trains both arms for the same steps: drop --max-train-minutes")
     # the plan layer-parallel-aware training uses: explicit group sizes, a group size, or None
     args.layer_parallel_groups = list(args.layer_parallel_plan) or args.layer_parallel
     args.layers = args.layers or ("last1" if args.feature_drafter else "first2+last1")
@@ -139,7 +169,7 @@ def make_traffic(args, target, traffic_uri: str) -> tuple[int, bool]:
     from pipelines.backfill import backfill, generate_traffic, load_conversations
 
     if args.reuse_traffic:
-        existing = scan_traffic(traffic_uri, target_id=target.model_id).table.num_rows
+        existing = scan_traffic(traffic_uri, target_id=target.model_id, columns=[]).table.num_rows
         if existing:
             logger.info("reusing %d records in %s", existing, traffic_uri)
             return existing, True
@@ -152,8 +182,10 @@ def make_traffic(args, target, traffic_uri: str) -> tuple[int, bool]:
 
     prompts = [p for c in chats for p in user_turn_prompts(c, args.user_turns)]
     engine = EngineConfig(topk_logprobs=args.topk, max_batch_size=args.backfill_batch_size, seed=args.seed)
+    # with the features when they are compared: what Serve logs with traffic.log_features
     return generate_traffic(target, None, prompts, traffic_uri, engine=engine, max_tokens=args.max_output_tokens,
-                            max_prompt_tokens=args.max_prompt_tokens), False
+                            max_prompt_tokens=args.max_prompt_tokens,
+                            capture_features=args.compare_logged_features), False
 
 
 class _Progress(TrainCallback):
@@ -175,23 +207,141 @@ class _Progress(TrainCallback):
         self.bar.set_postfix(loss=f"{stats['loss']:.3f}", top1=f"{stats['top1_match']:.2f}")
 
 
-def train_in_process(args, drafter, train_dataset, target) -> tuple[object, dict]:
+def train_in_process(args, drafter, train_dataset, target, *, config: DistillConfig | None = None,
+                     logged_features=None, desc: str = "distill") -> tuple[object, dict]:
     """The job's training loop (`draftsmith.distill.train`, the Ray Train worker's), in this process (at the
-    torch threads `main` set for the whole run)."""
+    torch threads `main` set for the whole run), under `config` (default: the flags'), reading
+    `logged_features` (a draftsmith.traffic_features.LoggedFeatures) when given."""
     from tqdm.auto import tqdm
 
     from draftsmith.distill import DistillStudent, total_steps, train
 
-    config = args.distill
+    config = config or args.distill
     student = DistillStudent.for_config(drafter, config)
-    with tqdm(total=total_steps(config, len(train_dataset)), desc="distill", unit="step", file=sys.stderr) as bar:
+    with tqdm(total=total_steps(config, len(train_dataset)), desc=desc, unit="step", file=sys.stderr) as bar:
         result = train(student, train_dataset, config, target_model=target.model,
-                       callbacks=[_Progress(bar, args.max_train_minutes)])
+                       callbacks=[_Progress(bar, args.max_train_minutes)], logged_features=logged_features)
     student.eval()
     stats = result.last_stats
     info = {"steps": result.step, "train_tokens": int(result.tokens_per_worker), "final_loss": stats.get("loss"),
-            "final_top1": stats.get("top1_match"), "final_top1_layer_parallel": stats.get("top1_match_layer_parallel")}
+            "final_top1": stats.get("top1_match"), "final_top1_layer_parallel": stats.get("top1_match_layer_parallel"),
+            "feature_rows_logged": result.feature_rows_logged,
+            "feature_rows_computed": result.feature_rows_computed}
     return student.to_drafter("distilled"), info
+
+
+# The arms of --compare-logged-features, in the order they run: the job's default (read the features the
+# log holds) first, then the target recomputing them (DistillConfig.logged_features off).
+FEATURE_ARMS = ("logged_features", "recomputed_features")
+TRAIN_WARMUP_STEPS = 1
+TRAIN_WARMUP = ("untimed, a throwaway copy of the same drafter first trains {steps} step(s) on the same first "
+                "batch with the arm's own feature source ({source}) and its own optimizer and feature cache, "
+                "at the same torch threads; the timed run then starts from the unchanged drafter, seed reset")
+
+
+def compare_feature_sources(args, drafter, train_dataset, target, traffic_uri: str) -> dict[str, dict]:
+    """Train `drafter` once per FEATURE_ARMS arm, alike but for where the target's features come from, and
+    time each: {arm: {"drafter", "info", "seconds", "index_seconds", "logged_feature_records", ...}}.
+
+    The logged arm's seconds include indexing the side files (LoggedFeatures.index reads their footers):
+    that is part of what reading logged features costs. Everything else (the data, its order, the steps,
+    the start drafter, the threads) is the same in both arms.
+    """
+    import torch
+
+    from draftsmith.traffic_features import LoggedFeatures
+
+    request_ids = list(train_dataset["request_id"])
+    configs = {"logged_features": args.distill.model_copy(update={"logged_features": True}),
+               "recomputed_features": args.distill.model_copy(update={"logged_features": False})}
+    sources = {"logged_features": lambda: LoggedFeatures.index(traffic_uri, request_ids=request_ids),
+               "recomputed_features": lambda: None}
+    arms = {}
+    for arm in FEATURE_ARMS:
+        config, source = configs[arm], sources[arm]
+        warm = config.model_copy(update={"steps": TRAIN_WARMUP_STEPS})
+        torch.manual_seed(config.seed)
+        train_in_process(args, drafter, train_dataset, target, config=warm, logged_features=source(),
+                         desc=f"warm-up {arm}")
+        torch.manual_seed(config.seed)
+        t0 = time.perf_counter()
+        logged = source()
+        index_seconds = time.perf_counter() - t0
+        if logged is not None and len(logged) < len(request_ids):  # e.g. a reused log written without features
+            logger.warning("only %d of %d training records have logged features: the logged arm recomputes the "
+                           "others, so it does not measure reading the log alone", len(logged), len(request_ids))
+        trained, info = train_in_process(args, drafter, train_dataset, target, config=config,
+                                         logged_features=logged, desc=arm)
+        seconds = time.perf_counter() - t0
+        arms[arm] = {"drafter": trained, "info": info, "seconds": seconds, "index_seconds": index_seconds,
+                     "logged_feature_records": None if logged is None else len(logged),
+                     "logged_feature_problems": None if logged is None else len(logged.problems),
+                     "rows": info["steps"] * config.batch_size}
+        logger.info("%s: %d steps in %.1f s (%d feature rows logged, %d computed)", arm, info["steps"], seconds,
+                    info["feature_rows_logged"], info["feature_rows_computed"])
+    return arms
+
+
+def comparison_result(arms: dict[str, dict], after, records: int, batch_size: int, explicit_schedule: bool) -> dict:
+    """The JSON fields of --compare-logged-features: each arm's training time (total and per record trained),
+    the speedup, its feature rows by source, and its held-out figures from the `after` evaluation."""
+    logged, recomputed = arms["logged_features"], arms["recomputed_features"]
+    per_record = {arm: a["seconds"] / a["rows"] if a["rows"] else 0.0 for arm, a in arms.items()}
+    steps = logged["info"]["steps"]
+    out = {
+        "train_seconds_logged_features": logged["seconds"],
+        "train_seconds_recomputed_features": recomputed["seconds"],
+        "train_seconds_per_record_logged": per_record["logged_features"],
+        "train_seconds_per_record_recomputed": per_record["recomputed_features"],
+        "logged_features_speedup": (per_record["recomputed_features"] / per_record["logged_features"]
+                                    if per_record["logged_features"] else 0.0),
+        "logged_features_index_seconds": logged["index_seconds"],
+        "logged_feature_records": logged["logged_feature_records"],
+        "logged_feature_problems": logged["logged_feature_problems"],
+        "logged_features_comparison": {
+            "order": list(FEATURE_ARMS), "steps": steps, "batch_size": batch_size,
+            "records_trained_per_arm": logged["rows"], "train_records": records,
+            "epochs": round(logged["rows"] / records, 3) if records else 0.0,
+            "schedule": ("as given (--steps / --epochs)" if explicit_schedule else
+                         "one epoch (default): every record is seen about once, since train() keeps "
+                         "recomputed features per record (TargetFeatureCache) and later epochs would cost "
+                         "the recomputed arm no target forward"),
+            "per_record": "an arm's wall seconds (train(), the logged arm's side-file index included) / "
+                          "records trained (steps x batch_size)",
+        },
+    }
+    names = {"logged_features": "after", "recomputed_features": "after_recomputed_features"}
+    for arm, a in arms.items():
+        m = after.get(names[arm])
+        out.update({
+            f"feature_rows_logged_{arm}": a["info"]["feature_rows_logged"],
+            f"feature_rows_computed_{arm}": a["info"]["feature_rows_computed"],
+            f"final_loss_{arm}": a["info"]["final_loss"], f"final_top1_{arm}": a["info"]["final_top1"],
+            f"token_acceptance_after_{arm}": m.token_acceptance,
+            f"acceptance_rate_after_{arm}": m.acceptance_rate,
+            f"mean_accepted_length_after_{arm}": m.mean_accepted_length,
+            f"speculative_tok_s_after_{arm}": m.tok_s,
+            f"speedup_after_{arm}": after.speedup(names[arm]),
+        })
+    return out
+
+
+def comparison_table(result: dict) -> str:
+    """The --compare-logged-features figures as a short table (stderr)."""
+    c = result["logged_features_comparison"]
+    lines = [f"training from logged vs recomputed target features ({c['steps']} steps, {c['records_trained_per_arm']}"
+             f" records trained per arm, {c['epochs']} epoch(s) of {c['train_records']} records):",
+             f"{'arm':<22}{'train s':>9}{'s/record':>10}{'rows logged':>13}{'rows computed':>15}"
+             f"{'token acc':>11}{'tok/s':>8}"]
+    per_record = {"logged_features": result["train_seconds_per_record_logged"],
+                  "recomputed_features": result["train_seconds_per_record_recomputed"]}
+    for arm in FEATURE_ARMS:
+        lines.append(f"{arm:<22}{result[f'train_seconds_{arm}']:>9.1f}{per_record[arm]:>10.3f}"
+                     f"{result[f'feature_rows_logged_{arm}']:>13d}{result[f'feature_rows_computed_{arm}']:>15d}"
+                     f"{result[f'token_acceptance_after_{arm}']:>11.3f}"
+                     f"{result[f'speculative_tok_s_after_{arm}']:>8.1f}")
+    lines.append(f"speedup per record (recomputed / logged): {result['logged_features_speedup']:.2f}x")
+    return "\n".join(lines)
 
 
 def train_with_ray(args, traffic_uri: str, state_dir: str, target) -> tuple[object, dict]:
@@ -308,16 +458,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     use_ray = not args.in_process
+    arms = None  # --compare-logged-features: each arm's trained drafter and figures
     if use_ray:
         state_dir = args.state_dir or str(Path(tmp.name) / "state")
         trained, train_info = train_with_ray(args, traffic_uri, state_dir, target)
+    elif args.compare_logged_features:
+        threads.update({f"train_{arm}": torch.get_num_threads() for arm in FEATURE_ARMS})
+        arms = compare_feature_sources(args, drafter, data.train, target, traffic_uri)
+        # the job's default (logged features) is "the" distilled drafter of the rest of the JSON
+        trained, train_info = arms["logged_features"]["drafter"], arms["logged_features"]["info"]
     else:
         trained, train_info = train_in_process(args, drafter, data.train, target)
-    train_seconds = time.perf_counter() - t0
+    train_seconds = time.perf_counter() - t0 if arms is None else arms["logged_features"]["seconds"]
     logger.info("distilled in %.1f s (%s)", train_seconds, "Ray Train" if use_ray else "in process")
 
     threads["after"] = torch.get_num_threads()
-    after = evaluate_drafters(target, {"after": trained}, prompts, **eval_kw)
+    after_arms = {"after": trained}
+    if arms is not None:
+        threads["after_recomputed_features"] = torch.get_num_threads()
+        after_arms["after_recomputed_features"] = arms["recomputed_features"]["drafter"]
+    after = evaluate_drafters(target, after_arms, prompts, **eval_kw)
     logger.info("after distillation:\n%s", after.table())
     options, with_options = args.engine_options, None
     if options:
@@ -375,8 +535,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "warmup": {arm: WARMUP for arm in ("before", "after", "autoregressive", *(["after_with_options"] if options
                                                                                   else []))},
         "measures": MEASURES,
-        "total_seconds": round(time.perf_counter() - started, 1),
+        "compare_logged_features": args.compare_logged_features,
     }
+    if arms is not None:
+        result.update(comparison_result(arms, after, len(data.train), args.distill.batch_size,
+                                        explicit_schedule=args.steps is not None or args.epochs is not None))
+        result["warmup"].update({
+            "after_recomputed_features": WARMUP,
+            "train_logged_features": TRAIN_WARMUP.format(steps=TRAIN_WARMUP_STEPS,
+                                                         source="reading the logged features"),
+            "train_recomputed_features": TRAIN_WARMUP.format(steps=TRAIN_WARMUP_STEPS,
+                                                             source="the target's forward")})
+        logger.info("%s", comparison_table(result))
+    result["total_seconds"] = round(time.perf_counter() - started, 1)
     result = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
     tmp.cleanup()
     print(json.dumps(result))

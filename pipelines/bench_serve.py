@@ -9,10 +9,13 @@ the engine alone in this process, with the served engine settings, on the 1-clie
 time and on 2 x N prompts at once, so the gap between `output_tok_s_1_client` and `engine_tok_s` is the
 serving overhead.
 
-Every arm is measured alike: before its timed run each one gets the same untimed warm-up (the first
+Every arm is measured alike: before its timed runs each one gets the same untimed warm-up (the first
 prompts, `--warmup-per-client` requests per client at the arm's own concurrency and settings; the
 in-process engine as well), all run at `--torch-threads`, on the same prompts, with one engine
-configuration; the JSON's `warmup` describes each arm's. `speedup_output_tok_s` is speculation against
+configuration; the JSON's `warmup` describes each arm's. The two arms of a concurrency are timed in
+`--rounds` rounds in ABBA order (on, off, off, on, ...), each round on every rounds-th prompt, so that a
+machine whose speed drifts over minutes (other work on shared cores) slows both arms alike; each arm's
+figures sum its rounds, and `round_speedups_by_concurrency` gives every round's ratio. `speedup_output_tok_s` is speculation against
 speculation off at the largest concurrency (per concurrency in `speedup_by_concurrency`). A run with an
 error in any arm, warm-ups included, reports no ratio (null) and exits non-zero. It reports throughput,
 time to first token and latency percentiles, what speculation really did (acceptance, drafted tokens per
@@ -88,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--single-client-requests", type=int, default=None,
                    help="requests for the 1-client run when 1 is not a concurrency (default: min(n, 16)); 0 skips it")
     p.add_argument("--no-baseline", action="store_true", help="skip the speculation-off runs")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="timed rounds of the on/off pair per concurrency, ABBA order, each on every rounds-th prompt")
     p.add_argument("--no-engine", action="store_true", help="skip the in-process engine run")
     p.add_argument("--traffic-uri", default=None, help="traffic log when starting the app (default: a temp dir)")
     add_config_arguments(p, ENGINE_FLAGS)
@@ -155,7 +160,9 @@ def speculation_summary(stats: list[dict]) -> dict:
     }
 
 
-async def _run_load(base: str, prompts: list, concurrency: int, args, *, speculative: bool, label: str) -> dict:
+async def _requests(base: str, prompts: list, concurrency: int, args, *, speculative: bool,
+                    label: str) -> tuple[list[dict], list[str], float]:
+    """Send `prompts` with `concurrency` clients: (per-request results, errors, wall seconds)."""
     url = base.rstrip("/") + "/v1/chat/completions"
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     queue: asyncio.Queue = asyncio.Queue()
@@ -184,19 +191,29 @@ async def _run_load(base: str, prompts: list, concurrency: int, args, *, specula
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
     elapsed = time.perf_counter() - start
     bar.close()
-    tokens = sum(r["tokens"] for r in results)
     if errors:
         logger.warning("%s: %d errors, first: %s", label, len(errors), errors[0])
+    return results, errors, elapsed
+
+
+def summarize(results: list[dict], errors: list[str], seconds: float, concurrency: int) -> dict:
+    """One arm's figures from its requests' results over `seconds` of timed wall clock."""
+    tokens = sum(r["tokens"] for r in results)
     return {
         "requests": len(results), "errors": len(errors), "concurrency": concurrency,
-        "seconds": round(elapsed, 3), "req_s": round(len(results) / elapsed, 3),
-        "output_tokens": tokens, "output_tok_s": round(tokens / elapsed, 2),
+        "seconds": round(seconds, 3), "req_s": round(len(results) / seconds, 3),
+        "output_tokens": tokens, "output_tok_s": round(tokens / seconds, 2),
         "ttft_p50_ms": round(1000 * _percentile([r["ttft"] for r in results], 50), 1),
         "ttft_p99_ms": round(1000 * _percentile([r["ttft"] for r in results], 99), 1),
         "latency_p50_ms": round(1000 * _percentile([r["latency"] for r in results], 50), 1),
         "latency_p99_ms": round(1000 * _percentile([r["latency"] for r in results], 99), 1),
         **speculation_summary([r["stats"] for r in results]),
     }
+
+
+def _run_load(base: str, prompts: list, concurrency: int, args, *, speculative: bool, label: str) -> dict:
+    return summarize(*asyncio.run(_requests(base, prompts, concurrency, args, speculative=speculative, label=label)),
+                     concurrency)
 
 
 def warmup_size(args, concurrency: int, n_prompts: int) -> int:
@@ -207,8 +224,43 @@ def warmup_size(args, concurrency: int, n_prompts: int) -> int:
 def _http_arm(base: str, prompts: list, concurrency: int, args, *, speculative: bool, label: str) -> tuple[dict, dict]:
     """One HTTP arm: its warm-up, then its timed run. Returns (timed run, warm-up run)."""
     warm = prompts[:warmup_size(args, concurrency, len(prompts))]
-    warmup = asyncio.run(_run_load(base, warm, concurrency, args, speculative=speculative, label=f"warm-up {label}"))
-    return asyncio.run(_run_load(base, prompts, concurrency, args, speculative=speculative, label=label)), warmup
+    warmup = _run_load(base, warm, concurrency, args, speculative=speculative, label=f"warm-up {label}")
+    return _run_load(base, prompts, concurrency, args, speculative=speculative, label=label), warmup
+
+
+def round_schedule(n_prompts: int, rounds: int) -> list[tuple[list[int], tuple[bool, bool]]]:
+    """The paired arms' timed rounds: per round, its prompt indices (every `rounds`-th prompt, so each round
+    draws from the whole prompt list) and the order of the two arms, (speculative first?, ...) alternating
+    ABBA, so a drift of the machine's speed over the run hits both arms alike."""
+    rounds = max(1, min(rounds, n_prompts))
+    return [(list(range(r, n_prompts, rounds)), (True, False) if r % 2 == 0 else (False, True))
+            for r in range(rounds)]
+
+
+def _paired_arms(base: str, prompts: list, concurrency: int, args) -> tuple[dict, dict, dict, dict, list]:
+    """Speculation on and off at one concurrency: both warm-ups first, then `--rounds` timed rounds in ABBA
+    order. Returns (on, off, warm-up on, warm-up off, per-round speedups)."""
+    warm = prompts[:warmup_size(args, concurrency, len(prompts))]
+    warmups = {arm: _run_load(base, warm, concurrency, args, speculative=arm, label=f"warm-up {_arm_name(arm, concurrency)}")
+               for arm in (True, False)}
+    parts: dict[bool, tuple[list, list, float]] = {True: ([], [], 0.0), False: ([], [], 0.0)}
+    round_speedups = []
+    for r, (indices, order) in enumerate(round_schedule(len(prompts), args.rounds)):
+        rates = {}
+        for arm in order:
+            results, errors, seconds = asyncio.run(_requests(base, [prompts[i] for i in indices], concurrency, args,
+                                                             speculative=arm,
+                                                             label=f"{_arm_name(arm, concurrency)} round {r + 1}"))
+            old = parts[arm]
+            parts[arm] = (old[0] + results, old[1] + errors, old[2] + seconds)
+            rates[arm] = sum(x["tokens"] for x in results) / seconds
+        round_speedups.append(round(rates[True] / rates[False], 3) if rates[False] else None)
+    on, off = (summarize(*parts[arm], concurrency) for arm in (True, False))
+    return on, off, warmups[True], warmups[False], round_speedups
+
+
+def _arm_name(speculative: bool, concurrency: int) -> str:
+    return f"{'speculative' if speculative else 'speculation_off'}@{concurrency}"
 
 
 # ----- the in-process engine ------------------------------------------------------------------------------
@@ -406,21 +458,25 @@ def main(argv: list[str] | None = None) -> int:
     levels = args.concurrency
     started = args.url is None
     base, traffic = (_start_local(args) if started else (args.url, None))
-    runs, warmup_runs, warmups = {}, {}, {}
+    warmups = {}
     engine, engine_error = None, None
     try:
         written_before = _written(base, args.api_key)
-        arms = [(f"speculative@{c}", c, True, prompts) for c in levels]
-        if not args.no_baseline:  # each concurrency's two arms one after the other
-            arms = [arm for c in levels for arm in ((f"speculative@{c}", c, True, prompts),
-                                                    (f"speculation_off@{c}", c, False, prompts))]
+        runs, warmup_runs, round_speedups = {}, {}, {}
+        for c in levels:
+            if args.no_baseline:
+                runs[_arm_name(True, c)], warmup_runs[_arm_name(True, c)] = _http_arm(
+                    base, prompts, c, args, speculative=True, label=_arm_name(True, c))
+            else:
+                (runs[_arm_name(True, c)], runs[_arm_name(False, c)], warmup_runs[_arm_name(True, c)],
+                 warmup_runs[_arm_name(False, c)], round_speedups[str(c)]) = _paired_arms(base, prompts, c, args)
         single_n = min(len(prompts), 16) if args.single_client_requests is None else args.single_client_requests
         single_prompts = prompts if 1 in levels else prompts[:single_n]  # the 1-client figure's, and the engine's
         if single_n and 1 not in levels:
-            arms.append(("1_client", 1, True, single_prompts))
-        for name, c, speculative, arm_prompts in arms:
-            runs[name], warmup_runs[name] = _http_arm(base, arm_prompts, c, args, speculative=speculative, label=name)
-            warmups[name] = warmup_description(warmup_size(args, c, len(arm_prompts)), c, "HTTP")
+            runs["1_client"], warmup_runs["1_client"] = _http_arm(base, single_prompts, 1, args, speculative=True,
+                                                                  label="1_client")
+        for name, run in warmup_runs.items():
+            warmups[name] = warmup_description(run["requests"] + run["errors"], run["concurrency"], "HTTP")
         written_after = _written(base, args.api_key)
         status = _post(base, "/draftsmith/status", args.api_key, method="GET") or {}
         if not args.no_engine and args.target and single_prompts:
@@ -431,6 +487,9 @@ def main(argv: list[str] | None = None) -> int:
                 logger.exception("the in-process engine arm failed")
                 engine_error = repr(error)
         report = combine(levels, runs, warmups, warmup_runs, engine, engine_error)
+        if round_speedups:
+            report["rounds"] = args.rounds
+            report["round_speedups_by_concurrency"] = round_speedups
         logged = sum(r["requests"] for r in (*runs.values(), *warmup_runs.values()))
         report["logged_records"] = (written_after - written_before) if None not in (written_before, written_after) else None
         report["expected_logged_records"] = logged

@@ -346,14 +346,17 @@ def job_status_of(client, job_id: str) -> str:
 
 
 def default_readers(cfg: TriggerConfig, client_factory: Callable[[], object]) -> Readers:
+    from draftsmith.rollback import SERVED_COUNT_COLUMNS
     from draftsmith.rollback import served_counts as count_served
     from draftsmith.traffic import scan_traffic
 
+    # Only the columns each reading needs: a poll never reads the records' token ids and text.
     def count_records(since):
-        return scan_traffic(cfg.traffic_uri, since=since, target_id=cfg.target_id).table.num_rows
+        return scan_traffic(cfg.traffic_uri, since=since, target_id=cfg.target_id, columns=[]).table.num_rows
 
     def served_counts(since, until):
-        return count_served(scan_traffic(cfg.traffic_uri, since=since, until=until, target_id=cfg.target_id).table)
+        return count_served(scan_traffic(cfg.traffic_uri, since=since, until=until, target_id=cfg.target_id,
+                                         columns=SERVED_COUNT_COLUMNS).table)
 
     registry_holder: list = []
 

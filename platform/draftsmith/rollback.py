@@ -80,6 +80,10 @@ def total(counts: Mapping[str, ServedCounts]) -> ServedCounts:
     return out
 
 
+# The traffic columns `served_counts` reads (a caller scanning the log reads only these).
+SERVED_COUNT_COLUMNS = ["source", "drafter_version", "temperature", "top_p", "top_k", "drafted", "accepted", "compared"]
+
+
 def served_counts(table: pa.Table) -> dict[tuple[str, str], ServedCounts]:
     """Served rows of a traffic table (TRAFFIC_SCHEMA) summed per (drafter_version, setting label).
 

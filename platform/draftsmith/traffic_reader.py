@@ -87,26 +87,41 @@ def _filter(table: pa.Table, since, until, equals: dict[str, str | None]) -> pa.
     return table.filter(mask)
 
 
-def _conform(table: pa.Table) -> pa.Table:
-    """A file's table in TRAFFIC_SCHEMA: nullable columns written before they existed are added as nulls
-    (a missing required column still fails the cast, and the file is skipped as foreign)."""
-    for f in TRAFFIC_SCHEMA:
+def _conform(table: pa.Table, schema: pa.Schema = TRAFFIC_SCHEMA) -> pa.Table:
+    """A file's table in `schema` (TRAFFIC_SCHEMA or a selection of its fields): nullable columns written
+    before they existed are added as nulls (a missing required column still fails the cast, and the file is
+    skipped as foreign)."""
+    for f in schema:
         if f.nullable and f.name not in table.column_names:
             table = table.append_column(f.name, pa.nulls(table.num_rows, type=f.type))
-    return table.select(TRAFFIC_SCHEMA.names).cast(TRAFFIC_SCHEMA)
+    return table.select(schema.names).cast(schema)
 
 
-def _iter_tables(uri, filesystem, since, until, equals, scan: TrafficScan) -> Iterator[pa.Table]:
+def _read_schema(columns, equals: dict[str, str | None]) -> pa.Schema:
+    """TRAFFIC_SCHEMA, or its fields a read needs: the asked columns and the ones its filters read."""
+    if columns is None:
+        return TRAFFIC_SCHEMA
+    unknown = sorted(set(columns) - set(TRAFFIC_SCHEMA.names))
+    if unknown:
+        raise ValueError(f"not traffic columns: {unknown}")
+    needed = {*columns, "created_at", *(k for k, v in equals.items() if v is not None)}
+    return pa.schema([f for f in TRAFFIC_SCHEMA if f.name in needed])
+
+
+def _iter_tables(uri, filesystem, since, until, equals, scan: TrafficScan, columns=None) -> Iterator[pa.Table]:
     _check_aware("since", since)
     _check_aware("until", until)
+    schema = _read_schema(columns, equals)
     fs, root = resolve_uri(uri, filesystem)
     for path, rel in _list_files(fs, root):
         if _outside_window(rel, since, until):
             continue
         try:
             with fs.open_input_file(path) as f:
-                table = pq.read_table(f)
-            table = _conform(table)
+                names = set(pq.read_schema(f).names) if columns is not None else None
+                # A column a file predates is not read (it is added as nulls by _conform).
+                table = pq.read_table(f, columns=None if names is None else [n for n in schema.names if n in names])
+            table = _conform(table, schema)
         except Exception as e:  # one bad file must never stop a read
             reason = f"{type(e).__name__}: {e}"
             logger.warning(
@@ -135,6 +150,7 @@ def scan_traffic(
     target_revision: str | None = None,
     tokenizer_hash: str | None = None,
     filesystem: pafs.FileSystem | None = None,
+    columns: list[str] | None = None,
 ) -> TrafficScan:
     """Read every complete file under `uri` into one table, reporting skipped files.
 
@@ -142,10 +158,13 @@ def scan_traffic(
     filters keep rows whose column equals the value. Files whose name (or a
     parent folder's) starts with `.` or `_` are ignored; unreadable files are
     skipped with a warning and listed in `.skipped`. A missing root reads as empty.
+    `columns`: read only these (and the ones the filters need) instead of whole records: a poll that
+    counts records or sums speculation counters never reads the token ids and text (the bulk of a file);
+    `.records()` then needs every column.
     """
-    scan = TrafficScan(table=TRAFFIC_SCHEMA.empty_table())
     equals = {"target_id": target_id, "target_revision": target_revision, "tokenizer_hash": tokenizer_hash}
-    tables = list(_iter_tables(uri, filesystem, since, until, equals, scan))
+    scan = TrafficScan(table=_read_schema(columns, equals).empty_table())
+    tables = list(_iter_tables(uri, filesystem, since, until, equals, scan, columns))
     if tables:
         scan.table = pa.concat_tables(tables)
     return scan

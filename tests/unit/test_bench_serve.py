@@ -5,7 +5,8 @@ import argparse
 
 import pytest
 
-from pipelines.bench_serve import _parser, combine, concurrency_levels, speculation_summary, warmup_size
+from pipelines.bench_serve import (_parser, combine, concurrency_levels, round_schedule, speculation_summary,
+                                   warmup_size)
 
 
 def _run(tok_s: float, errors: int = 0, concurrency: int = 1) -> dict:
@@ -101,3 +102,18 @@ def test_the_default_app_config_is_the_served_one():
     served = app_config_args(args.app_config)
     assert args.drafter == served["drafter"]
     assert engine_config(args).prompt_lookup_max == served["engine"]["prompt_lookup_max"]
+
+
+@pytest.mark.parametrize("n,rounds", [(48, 2), (48, 3), (5, 4), (3, 8)])
+def test_paired_rounds_cover_every_prompt_once_in_abba_order(n, rounds):
+    """What it detects: a round schedule that drops or repeats a prompt, or times one arm always first
+    (then a machine slowing down over the run would favour that arm)."""
+    schedule = round_schedule(n, rounds)
+    indices = sorted(i for chunk, _ in schedule for i in chunk)
+    assert indices == list(range(n))
+    orders = [order for _, order in schedule]
+    assert all(sorted(order) == [False, True] for order in orders)
+    if len(orders) >= 2:
+        assert orders[0] != orders[1]  # ABBA: the second round runs the arms the other way round
+    firsts = [order[0] for order in orders]
+    assert abs(firsts.count(True) - firsts.count(False)) <= 1

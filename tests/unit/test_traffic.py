@@ -387,3 +387,31 @@ def test_a_file_written_before_the_new_columns_still_reads(tmp_path):
     records = {r.request_id: r for r in scan.records()}
     assert all(getattr(records["old"], name) is None for name in new)
     assert records["new"] == fresh and _dc.asdict(records["new"])["proposer"] == "drafter+lookup"
+
+
+def test_a_read_of_some_columns_returns_them_filtered_alike(tmp_path):
+    """What it detects: a column-limited read (the trigger's polls) that returns other rows than a full read
+    under the same filters, loses the filter columns, or fails on a file that predates a column it asks for."""
+    import pyarrow as _pa
+
+    with TrafficWriter(tmp_path) as w:
+        w.add(make_record(0))
+        w.add(make_record(1, T0 + dt.timedelta(hours=1)))
+        w.add(make_record(2, T0 + dt.timedelta(hours=2), target_id="big"))
+    old_schema = _pa.schema([f for f in TRAFFIC_SCHEMA if f.name != "lookup_compared"])
+    old = {k: v for k, v in make_record(3, T0).to_row().items() if k != "lookup_compared"}
+    folder = tmp_path / "date=2025-03-04" / "hour=10"
+    pq.write_table(_pa.Table.from_pylist([old], schema=old_schema), folder / "part-old.parquet")
+    since = T0 + dt.timedelta(minutes=1)
+    for kw in ({}, {"target_id": "tiny-target"}, {"since": since}):
+        full = scan_traffic(tmp_path, **kw).table
+        some = scan_traffic(tmp_path, columns=["drafted", "lookup_compared"], **kw)
+        assert not some.skipped
+        assert some.table.num_rows == full.num_rows
+        assert set(some.table.column_names) >= {"drafted", "lookup_compared", "created_at"}
+        assert "prompt_token_ids" not in some.table.column_names
+        assert sorted(some.table["drafted"].to_pylist()) == sorted(full["drafted"].to_pylist())
+    counted = scan_traffic(tmp_path, target_id="tiny-target", columns=[])
+    assert counted.table.num_rows == 3 and set(counted.table.column_names) == {"created_at", "target_id"}
+    with pytest.raises(ValueError, match="not traffic columns"):
+        scan_traffic(tmp_path, columns=["no_such_column"])
