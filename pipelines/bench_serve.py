@@ -40,6 +40,7 @@ import httpx
 from tqdm import tqdm
 
 from draftsmith.engine_config import EngineConfig, add_config_arguments, config_options
+from draftsmith.paired_rounds import round_schedule
 from draftsmith.ports import free_port
 from serve.config import speculation_arg
 
@@ -226,15 +227,6 @@ def _http_arm(base: str, prompts: list, concurrency: int, args, *, speculative: 
     warm = prompts[:warmup_size(args, concurrency, len(prompts))]
     warmup = _run_load(base, warm, concurrency, args, speculative=speculative, label=f"warm-up {label}")
     return _run_load(base, prompts, concurrency, args, speculative=speculative, label=label), warmup
-
-
-def round_schedule(n_prompts: int, rounds: int) -> list[tuple[list[int], tuple[bool, bool]]]:
-    """The paired arms' timed rounds: per round, its prompt indices (every `rounds`-th prompt, so each round
-    draws from the whole prompt list) and the order of the two arms, (speculative first?, ...) alternating
-    ABBA, so a drift of the machine's speed over the run hits both arms alike."""
-    rounds = max(1, min(rounds, n_prompts))
-    return [(list(range(r, n_prompts, rounds)), (True, False) if r % 2 == 0 else (False, True))
-            for r in range(rounds)]
 
 
 def _paired_arms(base: str, prompts: list, concurrency: int, args) -> tuple[dict, dict, dict, dict, list]:

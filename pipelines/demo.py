@@ -23,15 +23,18 @@ What it does, in order (each step is the production path, run locally):
    instead of running the target again), evaluates it against the champion on the
    most recent slice and lets the gate promote it; while it runs, a line every `progress_every_s`
    seconds gives its steps, loss, elapsed and time left (pipelines/job_progress.py);
-6. waits for the replica to hot-swap to the new champion (no restart), replays the same held-out
-   prompts again ("after"), and once more with speculation off ("autoregressive", the reference);
-   each of these three measured arms, "before" included, is preceded by the same warm-up (further
-   held-out prompts, same concurrency and settings, not logged, not measured);
+6. waits for the replica to hot-swap to the new champion (no restart) and replays the same held-out
+   prompts again ("after"). Each speculative phase ("before", "after") is measured against speculation
+   off on the same prompts ("before_off", "after_off"), the two arms timed in alternating rounds (ABBA,
+   draftsmith.paired_rounds) so that both see the machine at the same minutes; every measured arm is
+   preceded by the same warm-up (further held-out prompts, same concurrency and settings, not logged, not
+   measured);
 7. prints a table over time, writes a PNG (draftsmith.timeline), logs both and the figures to an
    MLflow run, prints the MLflow UI / Ray dashboard / endpoint addresses and leaves them up.
 The last stdout line is one JSON object (requests, failed_requests, token_acceptance_before_swap,
-token_acceptance_after_swap, tok_s_before_swap, tok_s_after_swap, tok_s_autoregressive,
-speedup_before_swap, speedup_after_swap (None when a request failed), warmup, champion_version,
+token_acceptance_after_swap, tok_s_before_swap, tok_s_after_swap, tok_s_autoregressive (both off arms
+pooled) and tok_s_autoregressive_before_swap / _after_swap, speedup_before_swap and speedup_after_swap
+(each phase over the off arm timed beside it; None when a request failed), warmup, champion_version,
 job_driver_node_id, spare_node_id, job_ran_on_spare_node, serve_actors_on_spare_node (none expected),
 logged_feature_records, train_seconds, plot, mlflow_url, ...); tok/s figures are end to end over HTTP.
 
@@ -56,6 +59,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.fields import FieldInfo
 
 from draftsmith.engine_config import EngineConfig
+from draftsmith.paired_rounds import round_schedule
 from pipelines.demo_report import log_demo_run, phase_figures
 
 logger = logging.getLogger(__name__)
@@ -65,6 +69,7 @@ APP_NAME = "draftsmith"
 DISTILL_EXPERIMENT = "draftsmith-distill"  # the job's training runs, where the demo reads its progress
 DISTILL_RUN_NAME = "demo-distill"
 WARMUP_PREFIX = "warmup:"  # phase name prefix of the requests that warm a measured arm up
+OFF_SUFFIX = "_off"  # phase name suffix of the speculation-off arm measured beside a speculative phase
 
 
 _GAMMA = EngineConfig.model_fields["num_speculative_tokens"]
@@ -130,7 +135,12 @@ class DemoConfig(BaseModel):
     progress_every_s: float = Field(15.0, gt=0, description="Seconds between progress lines of the distillation "
                                                             "job (steps, loss, time left).")
     swap_timeout_s: float = Field(300, gt=0, description="Give up waiting for the hot swap after this long.")
-    autoregressive_reference: bool = Field(True, description="Also replay held-out prompts with speculation off.")
+    autoregressive_reference: bool = Field(True, description="Measure each speculative phase (before, after) against "
+                                           "speculation off on the same prompts, the two timed in alternating "
+                                           "rounds (`reference_rounds`).")
+    reference_rounds: int = Field(2, ge=1, description="Rounds of the on/off pair of a measured phase, in ABBA "
+                                  "order, each on every rounds-th held-out prompt: a machine whose speed drifts "
+                                  "over minutes slows both arms alike.")
     leave_up: bool = Field(True, description="Leave Ray, Serve and MLflow running (stop: `draftsmith down`).")
 
     @field_validator("spare_slots")
@@ -387,6 +397,34 @@ def measured_phase(base: str, prompts, warmup, cfg: DemoConfig, phase: str, gamm
     return warm, replay(base, prompts, phase=phase, **common)
 
 
+def off_phase(phase: str) -> str:
+    """The name of the speculation-off arm measured beside a speculative phase."""
+    return f"{phase}{OFF_SUFFIX}"
+
+
+def paired_phase(base: str, prompts, warmup, cfg: DemoConfig, phase: str) -> list:
+    """A speculative phase (the replica's own num_speculative_tokens) and, with `autoregressive_reference`,
+    speculation off beside it (`off_phase`): both warm-ups first, then `reference_rounds` rounds in ABBA
+    order, each on an interleaved share of `prompts` (draftsmith.paired_rounds), so that the ratio compares
+    arms timed on the same machine at the same minutes. Returns every result, warm-ups included."""
+    from pipelines.replay import replay
+
+    if not cfg.autoregressive_reference:
+        return sum(measured_phase(base, prompts, warmup, cfg, phase, None), [])
+    common = {"concurrency": cfg.concurrency, "max_tokens": cfg.max_tokens, "log": False}
+    arms = {True: (phase, None), False: (off_phase(phase), 0)}
+    results = []
+    for name, gamma in arms.values():
+        if warmup:
+            results += replay(base, warmup, phase=f"{WARMUP_PREFIX}{name}", num_speculative_tokens=gamma, **common)
+    for indices, order in round_schedule(len(prompts), cfg.reference_rounds):
+        for arm in order:
+            name, gamma = arms[arm]
+            results += replay(base, [prompts[i] for i in indices], phase=name, num_speculative_tokens=gamma,
+                              **common)
+    return results
+
+
 # ----------------------------------------------------------------------------------------- the loop
 
 
@@ -446,7 +484,7 @@ def run_demo(cfg: DemoConfig) -> dict:
          f"{cfg.gamma}, engine {cfg.engine}{'; logging the target features' if cfg.logs_features else ''})")
 
     # Speculative phases send no num_speculative_tokens: the replica's own (cfg.gamma) applies.
-    results = [*sum(measured_phase(base, heldout, warmup, cfg, "before", None), [])]
+    results = paired_phase(base, heldout, warmup, cfg, "before")
     results += replay(base, train, phase="serve", log=True, concurrency=cfg.concurrency, max_tokens=cfg.max_tokens)
     flushed = _get_json(f"{base}/draftsmith/flush", method="POST", timeout=60)
     _say(f"traffic log: {flushed.get('written')} records written to {state / 'traffic'}")
@@ -483,9 +521,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         swap_seconds = wait_for_drafter(base, champion.version, cfg.swap_timeout_s)
         _say(f"the replica hot-swapped to drafter v{champion.version} ({swap_seconds:.0f} s after promotion)")
 
-    results += sum(measured_phase(base, heldout, warmup, cfg, "after", None), [])
-    if cfg.autoregressive_reference:
-        results += sum(measured_phase(base, heldout, warmup, cfg, "autoregressive", 0), [])
+    results += paired_phase(base, heldout, warmup, cfg, "after")
 
     serving_placement = serve_actor_placement(services.dashboard_url, spare_node)
     if serving_placement["serve_actors_on_spare_node"]:
@@ -554,8 +590,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{summary['drafter_token_acceptance_before_swap']:.3f} -> {summary['drafter_token_acceptance_after_swap']:.3f} "
           f"({gain:+.3f}; with prompt lookup's proposals {summary['token_acceptance_before_swap']:.3f} -> "
           f"{summary['token_acceptance_after_swap']:.3f}), {summary['tok_s_before_swap']:.1f} -> {summary['tok_s_after_swap']:.1f} output tok/s "
-          f"(speculation off: {summary['tok_s_autoregressive']} tok/s; after the swap "
-          f"{summary['speedup_after_swap']}x of it); {summary['failed_requests']} failed requests.")
+          f"(speculation off, timed beside each: {summary['tok_s_autoregressive_before_swap']} / "
+          f"{summary['tok_s_autoregressive_after_swap']} tok/s: {summary['speedup_before_swap']}x before the swap, "
+          f"{summary['speedup_after_swap']}x after); {summary['failed_requests']} failed requests.")
     if cfg.leave_up:
         print(f"MLflow UI (registry: {cfg.model_name}): {summary['mlflow_url']}\n"
               f"Ray dashboard: {summary['ray_dashboard_url']}\nOpenAI endpoint: {summary['endpoint']}\n"

@@ -32,18 +32,28 @@ def warmup_description(cfg: DemoConfig, warmup_prompts: int, phase: str, gamma: 
 
 
 def phase_figures(cfg: DemoConfig, phases: dict, warmup_prompts: int, failed: int) -> dict:
-    """The JSON's figures of the measured arms (`phases`: timeline.phase_summary by phase name). Every tok/s is
-    end to end over HTTP: output tokens from the phase's first send to its last completion (prefill, queueing
-    and the network included). A run with a failed request (`failed`, warm-ups included) reports no speedup."""
-    before, after, reference = phases["before"], phases["after"], phases.get("autoregressive")
+    """The JSON's figures of the measured arms (`phases`: timeline.phase_summary by phase name; a speculative
+    phase's speculation-off arm, timed beside it in alternating rounds, is `<phase>_off`). Every tok/s is end to
+    end over HTTP: output tokens over the wall time of the arm's own rounds (prefill, queueing and the network
+    included). A run with a failed request (`failed`, warm-ups included) reports no speedup."""
+    from pipelines.demo import off_phase
+
+    before, after = phases["before"], phases["after"]
+    references = {name: phases.get(off_phase(name)) for name in ("before", "after")}
 
     def speedup(phase) -> float | None:
+        reference = references[phase.phase]
         ok = reference is not None and reference.tok_s > 0 and not failed
         return round(phase.tok_s / reference.tok_s, 3) if ok else None
 
+    def tok_s(phase) -> float | None:
+        return None if phase is None else round(phase.tok_s, 2)
+
+    off = [p for p in references.values() if p is not None]
+    pooled_off = (sum(p.tokens for p in off) / sum(p.seconds for p in off)
+                  if off and sum(p.seconds for p in off) > 0 else None)
     arms = {"before": cfg.gamma, "after": cfg.gamma}
-    if reference is not None:
-        arms["autoregressive"] = 0
+    arms.update({off_phase(name): 0 for name, p in references.items() if p is not None})
     return {
         "token_acceptance_before_swap": round(before.token_acceptance, 4),
         "token_acceptance_after_swap": round(after.token_acceptance, 4),
@@ -56,10 +66,14 @@ def phase_figures(cfg: DemoConfig, phases: dict, warmup_prompts: int, failed: in
         "mean_accepted_length_before_swap": round(before.mean_accepted_length, 3),
         "mean_accepted_length_after_swap": round(after.mean_accepted_length, 3),
         "tok_s_before_swap": round(before.tok_s, 2), "tok_s_after_swap": round(after.tok_s, 2),
-        "tok_s_autoregressive": None if reference is None else round(reference.tok_s, 2),
+        "tok_s_autoregressive": None if pooled_off is None else round(pooled_off, 2),
+        "tok_s_autoregressive_before_swap": tok_s(references["before"]),
+        "tok_s_autoregressive_after_swap": tok_s(references["after"]),
         "speedup_before_swap": speedup(before), "speedup_after_swap": speedup(after),
-        "tok_s_measure": "end to end over HTTP: output tokens / seconds from a phase's first send to its last "
-                         "completion (prefill included)",
+        "reference_rounds": cfg.reference_rounds if off else None,
+        "tok_s_measure": "end to end over HTTP: output tokens / seconds from the first send to the last completion "
+                         "of each of an arm's rounds, summed (prefill included); a speedup is a phase over the "
+                         "speculation-off arm timed beside it in alternating rounds",
         "concurrency": cfg.concurrency, "num_speculative_tokens": cfg.gamma, "drafter": cfg.drafter,
         "engine": cfg.engine,
         "warmup": {arm: warmup_description(cfg, warmup_prompts, arm, gamma) for arm, gamma in arms.items()},

@@ -50,6 +50,7 @@ class AutoSpeculation:
         self.predicted_speedup = 1.0
         self.measured_speedup = 1.0
         self.steps = 0
+        self._context_tokens = 0  # the rows' contexts summed, of the step `plan` last chose for
 
     @staticmethod
     def _key(drafter: CausalLMRunner | None, version: str) -> str | None:
@@ -76,10 +77,13 @@ class AutoSpeculation:
         return install
 
     def plan(self, caps: Sequence[int], matches: Sequence[list[int]] | None,
-             fixed: Sequence[int | None]) -> StepPlan:
-        """The policy's plan for rows with these caps, lookup matches (None: lookup off) and explicit lengths."""
+             fixed: Sequence[int | None], contexts: Sequence[int] | None = None) -> StepPlan:
+        """The policy's plan for rows with these caps, lookup matches (None: lookup off), explicit lengths and
+        context lengths (the tokens each row's verification reads; None: unknown, 0)."""
         lookups = [0] * len(caps) if matches is None else [len(m) for m in matches]
-        return self.policy.choose([RowState(c, n, f) for c, n, f in zip(caps, lookups, fixed)])
+        contexts = [0] * len(caps) if contexts is None else list(contexts)
+        self._context_tokens = sum(contexts)
+        return self.policy.choose([RowState(c, n, f, x) for c, n, f, x in zip(caps, lookups, fixed, contexts)])
 
     def switched_off(self, plan: StepPlan, caps: Sequence[int], matches: Sequence[list[int]] | None,
                      fixed: Sequence[int | None]) -> list[bool]:
@@ -102,12 +106,14 @@ class AutoSpeculation:
         for key, rows_verdicts in verdicts.items():
             policy.estimates.update(key, rows_verdicts)
         policy.estimates.tick()
-        costs.target.observe(rows * (width + 1), timings.verify)
+        # The curve is the context-free part: attention over the rows' contexts (priced apart) is taken out first.
+        attention = costs.attention_seconds(width + 1, self._context_tokens)
+        costs.target.observe(rows * (width + 1), max(timings.verify - attention, 0.1 * timings.verify))
         if costs.drafter is not None and width and policy.drafter_key in verdicts:
             costs.drafter.observe(rows, timings.draft / width)
         if policy.lookup_enabled and rows:
             costs.lookup_seconds_per_row += SMOOTHING * (timings.lookup / rows - costs.lookup_seconds_per_row)
-        autoregressive = policy.autoregressive_tokens_per_s(rows)
+        autoregressive = policy.autoregressive_tokens_per_s(rows, self._context_tokens)
         measured = emitted / timings.total / autoregressive if timings.total > 0 else 1.0
         first = self.steps == 0
         self.predicted_speedup = plan.predicted_speedup if first else self.predicted_speedup + SMOOTHING * (

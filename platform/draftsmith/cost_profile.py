@@ -2,7 +2,10 @@
 
 What it does: times the target's verification forward (rows x tokens per row, logits and features for every
 position, as the engine's step runs it) and one drafter forward (rows x 1 token) on scratch caches, after a
-warm-up, at a context length like serving's, and returns a `policy.CostModel`. The engine calls it when it
+warm-up, and returns a `policy.CostModel`. The verification's price depends on the context each position reads
+(attention), so the target is also timed at a short and a long context: the difference gives the seconds per
+verified position per context token, and the tokens' curve is kept at no context (the policy adds each step's
+own context back). The engine calls it when it
 starts in `auto` mode and when a drafter is swapped in; afterwards every step's own timings keep the curves
 current (`CostCurve.observe`).
 
@@ -75,6 +78,22 @@ def drafter_curve(drafter: CausalLMRunner, *, max_rows: int, context: int = 64, 
     return CostCurve(_monotone(points))
 
 
+@torch.inference_mode()
+def attention_seconds_per_context_token(target: CausalLMRunner, *, rows: int, tokens: int, short: int = 64,
+                                        long: int = 448, repeats: int = 3) -> float:
+    """Seconds a verification adds per verified position per context token: the same forward (rows x tokens)
+    timed after `short` and after `long` cached positions, the difference over the extra (position, context
+    token) pairs; never negative (timing noise)."""
+    cache = target.new_cache(rows, long + tokens + 1)
+    ids = torch.zeros(rows, tokens, dtype=torch.long, device=target.device)
+    seconds = {}
+    for context in (short, long):
+        positions = (context + torch.arange(tokens, device=target.device))[None].expand(rows, tokens)
+        seconds[context] = _timed(lambda: target.forward(ids, positions, cache, slice(0, rows), return_features=True),
+                                  repeats, target.device)
+    return max(0.0, (seconds[long] - seconds[short]) / (rows * tokens * (long - short)))
+
+
 def lookup_seconds_per_row(context: int = 512, repeats: int = 20) -> float:
     """Seconds prompt lookup takes for one row of `context` tokens with no match (its slowest case)."""
     rng = random.Random(0)  # one generator: distinct tokens, so that no n-gram matches
@@ -86,13 +105,24 @@ def lookup_seconds_per_row(context: int = 512, repeats: int = 20) -> float:
 
 
 def measure_cost_model(target: CausalLMRunner, drafter: CausalLMRunner | None, *, max_rows: int,
-                       max_tokens: int, lookup: bool = False) -> CostModel:
+                       max_tokens: int, lookup: bool = False, context: int = 64) -> CostModel:
     """The whole profile for a pair (drafter None: target and lookup only)."""
+    per_context_token = attention_seconds_per_context_token(target, rows=min(4, max_rows),
+                                                            tokens=min(4, max_tokens), short=context)
+    curve = target_curve(target, max_rows=max_rows, max_tokens=max_tokens, context=context)
     return CostModel(
-        target=target_curve(target, max_rows=max_rows, max_tokens=max_tokens),
+        target=without_context(curve, per_context_token, context),
         drafter=None if drafter is None else drafter_curve(drafter, max_rows=max_rows),
         lookup_seconds_per_row=lookup_seconds_per_row() if lookup else 0.0,
+        target_seconds_per_context_token=per_context_token,
     )
+
+
+def without_context(curve: CostCurve, per_context_token: float, context: int) -> CostCurve:
+    """A curve timed at `context` cached positions, with the attention over them taken out (each of its n
+    tokens read `context` positions); never below half of what was timed."""
+    points = {n: max(0.5 * s, s - per_context_token * n * context) for n, s in curve.as_dict().items()}
+    return CostCurve(_monotone(points), smoothing=curve.smoothing)
 
 
 def _monotone(points: dict[int, float]) -> dict[int, float]:

@@ -7,7 +7,11 @@ elsewhere, or lookup alone), predict
 
     goodput(G) = sum over rows of E_i(g_i)  /  (verify_seconds(rows x (G + 1) tokens) + drafting seconds)
 
-and take the best. E_i(g) = 1 + sum_{k=1..g} prod_{j<=k} alpha_j is a row's expected emitted tokens when
+and take the best. verify_seconds has two parts: a curve over the forward's tokens (rows x (G + 1): the
+weights' matrix products) and attention, `target_seconds_per_context_token` x (G + 1) x the rows' summed
+context lengths: every verified position of every row reads its whole context, so the price of a longer
+verification grows with the context (on a CPU it dominates past a few hundred tokens), padded rows included.
+E_i(g) = 1 + sum_{k=1..g} prod_{j<=k} alpha_j is a row's expected emitted tokens when
 it verifies g proposed tokens whose position-j conditional acceptance is alpha_j (the bonus or recovered
 token is the 1). SmartSpec's rule was chosen over per-row confidence stopping (SpecDec++, EAGLE-2) because
 the cost that decides whether speculation pays here is the batch's verification forward, shared by all rows
@@ -79,15 +83,23 @@ class CostCurve:
 
 @dataclasses.dataclass
 class CostModel:
-    """The step's cost parts: the target's verification forward, one drafter forward, lookup per row."""
+    """The step's cost parts: the target's verification forward (its tokens' curve, at no context, plus
+    attention: seconds per verified position per context token), one drafter forward, lookup per row."""
 
     target: CostCurve
     drafter: CostCurve | None = None
     lookup_seconds_per_row: float = 0.0
+    target_seconds_per_context_token: float = 0.0
+
+    def attention_seconds(self, verify_tokens: int, context_tokens: int) -> float:
+        """The context's part of a verification: each of a row's verify_tokens positions reads its context."""
+        return self.target_seconds_per_context_token * verify_tokens * context_tokens
 
     def step_seconds(self, rows: int, verify_tokens: int, drafter_rows: int, draft_steps: int,
-                     lookup_rows: int) -> float:
-        seconds = self.target(rows * verify_tokens) + lookup_rows * self.lookup_seconds_per_row
+                     lookup_rows: int, context_tokens: int = 0) -> float:
+        """`context_tokens`: the rows' context lengths summed (every row verifies verify_tokens positions)."""
+        seconds = (self.target(rows * verify_tokens) + self.attention_seconds(verify_tokens, context_tokens)
+                   + lookup_rows * self.lookup_seconds_per_row)
         if draft_steps and drafter_rows and self.drafter is not None:
             seconds += draft_steps * self.drafter(rows)  # the drafter runs over every row of the batch
         return seconds
@@ -177,11 +189,13 @@ class RowState:
 
     cap: the most tokens it may draft (remaining output and context, and the request's own limit);
     lookup_tokens: tokens prompt lookup found for it (0: no match, or lookup off);
-    fixed_gamma: a request's explicit num_speculative_tokens (honoured as asked, within cap)."""
+    fixed_gamma: a request's explicit num_speculative_tokens (honoured as asked, within cap);
+    context: the tokens its verification reads besides its own (prompt and output so far)."""
 
     cap: int
     lookup_tokens: int = 0
     fixed_gamma: int | None = None
+    context: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,13 +228,13 @@ class SpeculationPolicy:
     drafter_key: str | None = None  # the loaded drafter's key in `estimates` (e.g. "drafter:v3"); None: no drafter
     lookup_enabled: bool = False
 
-    def autoregressive_tokens_per_s(self, rows: int) -> float:
+    def autoregressive_tokens_per_s(self, rows: int, context_tokens: int = 0) -> float:
         """The rate of a step drafting nothing: one token per row; with lookup enabled, every step pays it."""
-        return rows / self.costs.step_seconds(rows, 1, 0, 0, rows if self.lookup_enabled else 0)
+        return rows / self.costs.step_seconds(rows, 1, 0, 0, rows if self.lookup_enabled else 0, context_tokens)
 
     def choose(self, rows: Sequence[RowState]) -> StepPlan:
         n = len(rows)
-        ar = self.autoregressive_tokens_per_s(n)
+        ar = self.autoregressive_tokens_per_s(n, sum(r.context for r in rows))
         best = StepPlan((0,) * n, (NONE,) * n, ar, ar)
         drafter_alphas = self.estimates.alphas(self.drafter_key) if self.drafter_key else None
         lookup_alphas = self.estimates.alphas(LOOKUP) if self.lookup_enabled else None
@@ -262,9 +276,9 @@ class SpeculationPolicy:
 
     def _plan(self, rows, gamma, use_lookup, use_drafter, drafter_alphas, lookup_alphas, ar) -> StepPlan:
         chosen = [self._row(r, gamma, use_lookup, use_drafter, drafter_alphas, lookup_alphas) for r in rows]
-        return self._priced(chosen, ar)
+        return self._priced(chosen, ar, sum(r.context for r in rows))
 
-    def _priced(self, chosen: list[tuple[int, str, float]], ar: float, probe: bool = False) -> StepPlan:
+    def _priced(self, chosen: list[tuple[int, str, float]], ar: float, context: int, probe: bool = False) -> StepPlan:
         gammas = tuple(g for g, _, _ in chosen)
         proposers = tuple(p for _, p, _ in chosen)
         verify = 1 + max(gammas, default=0)
@@ -272,7 +286,7 @@ class SpeculationPolicy:
         # The drafter, once it runs, drafts for every row as long as the longest (lookup rows included).
         draft_steps = max(gammas) if drafter_rows else 0
         lookup_rows = len(chosen) if self.lookup_enabled else 0
-        seconds = self.costs.step_seconds(len(chosen), verify, drafter_rows, draft_steps, lookup_rows)
+        seconds = self.costs.step_seconds(len(chosen), verify, drafter_rows, draft_steps, lookup_rows, context)
         tokens = sum(e for _, _, e in chosen)
         return StepPlan(gammas, proposers, tokens / seconds, ar, probe)
 
@@ -289,5 +303,5 @@ class SpeculationPolicy:
                       if r.fixed_gamma is None else (g, p, expected_tokens(alphas_of[p], g) if g else 1.0)
                       for r, g, p in zip(rows, best.gammas, best.proposers)]
             if any(p == used for _, p, _ in chosen):
-                return self._priced(chosen, ar, probe=True)
+                return self._priced(chosen, ar, sum(r.context for r in rows), probe=True)
         return None

@@ -348,7 +348,7 @@ class SpecEngine:
         matches = self.proposer.lookup_matches(rows, caps)  # looked up once, handed to the proposer below
         lookup_seconds = time.perf_counter() - start
         fixed = [s.request.num_speculative_tokens for s in seqs]
-        plan = self.auto.plan(caps, matches, fixed)
+        plan = self.auto.plan(caps, matches, fixed, [s.target_len for s in seqs])
         gammas = list(plan.gammas)
         found = None if matches is None else [m[:g] if p == LOOKUP else []
                                               for m, g, p in zip(matches, gammas, plan.proposers)]

@@ -67,22 +67,36 @@ def _version(row: Mapping) -> str:
     return str(row.get("drafter_version") or "none")
 
 
+def runs(rows: Sequence[Mapping]) -> list[tuple[int, int]]:
+    """[start, stop) of every maximal stretch of consecutive rows of one phase. A phase measured in rounds
+    (speculation on and off taking turns) has one stretch per round, and only those stretches' wall time is
+    its own."""
+    out: list[tuple[int, int]] = []
+    for i, row in enumerate(rows):
+        if out and rows[out[-1][0]]["phase"] == row["phase"]:
+            out[-1] = (out[-1][0], i + 1)
+        else:
+            out.append((i, i + 1))
+    return out
+
+
 def windows(rows: Sequence[Mapping], size: int) -> list[Pooled]:
     """Consecutive groups of at most `size` requests that share a phase and a drafter version.
 
-    A window's seconds run from the previous window's last completion (or its phase's first send) to
-    its own last completion.
+    A window's seconds run from the previous window's last completion (or the first send of its stretch of
+    the phase, see `runs`) to its own last completion.
     """
     if size < 1:
         raise ValueError(f"window size must be >= 1, got {size}")
     out: list[Pooled] = []
     served = 0
     start = last_finished = 0.0
-    for row in rows:
+    stretch_start = {a: min(float(r["started"]) for r in rows[a:b]) for a, b in runs(rows)}
+    for i, row in enumerate(rows):
         phase, version = str(row["phase"]), _version(row)
         current = out[-1] if out else None
         if current is None or current.phase != phase:
-            start = min(float(r["started"]) for r in rows if r["phase"] == phase)
+            start = stretch_start[i]
         elif current.drafter_version != version or current.requests >= size:
             start = last_finished
         else:
@@ -100,7 +114,8 @@ def windows(rows: Sequence[Mapping], size: int) -> list[Pooled]:
 
 
 def phase_summary(rows: Sequence[Mapping], phase: str) -> Pooled:
-    """Every request of one phase pooled; seconds from its first send to its last completion."""
+    """Every request of one phase pooled; seconds from the first send to the last completion of each of its
+    stretches (`runs`: one per round when it was measured in rounds), summed."""
     mine = [r for r in rows if r["phase"] == phase]
     last = max((i for i, r in enumerate(rows) if r["phase"] == phase), default=-1)
     versions = sorted({_version(r) for r in mine if not r.get("error")})
@@ -108,8 +123,10 @@ def phase_summary(rows: Sequence[Mapping], phase: str) -> Pooled:
     for row in mine:
         _add(group, row)
     group.requests_served = sum(1 for r in rows[: last + 1] if not r.get("error"))
-    if mine:
-        group.seconds = max(float(r["finished"]) for r in mine) - min(float(r["started"]) for r in mine)
+    for a, b in runs(rows):
+        if rows[a]["phase"] == phase:
+            stretch = rows[a:b]
+            group.seconds += max(float(r["finished"]) for r in stretch) - min(float(r["started"]) for r in stretch)
     return group
 
 

@@ -54,12 +54,15 @@ def test_the_loop_promotes_and_swaps_without_failed_requests(demo_run):
                 "mlflow_url"):
         assert key in s, key
     assert s["failed_requests"] == 0
-    assert s["requests"] == 8 + 40 + 8 + 8  # before, serve, after, autoregressive
-    assert s["warmup_requests"] == 3 * 4  # one warm-up per measured arm
+    assert s["requests"] == 8 + 8 + 40 + 8 + 8  # before + its off arm, serve, after + its off arm
+    assert s["warmup_requests"] == 4 * 4  # one warm-up per measured arm
     assert s["num_speculative_tokens"] == "auto" and s["drafter"].startswith("feature:")
     assert s["engine"]["prompt_lookup_max"] >= 1
-    assert s["speedup_after_swap"] == pytest.approx(s["tok_s_after_swap"] / s["tok_s_autoregressive"], rel=0.01)
-    assert s["speedup_before_swap"] == pytest.approx(s["tok_s_before_swap"] / s["tok_s_autoregressive"], rel=0.01)
+    # each phase over the speculation-off arm timed beside it
+    assert s["speedup_after_swap"] == pytest.approx(
+        s["tok_s_after_swap"] / s["tok_s_autoregressive_after_swap"], rel=0.01)
+    assert s["speedup_before_swap"] == pytest.approx(
+        s["tok_s_before_swap"] / s["tok_s_autoregressive_before_swap"], rel=0.01)
     assert s["promoted"] and s["initial_version"] == "1" and s["champion_version"] == "2"
     assert Path(s["plot"]).read_bytes()[:4] == b"\x89PNG"
     rows = [json.loads(line) for line in (demo_run["state"] / "requests.jsonl").read_text().splitlines()]
@@ -68,7 +71,12 @@ def test_the_loop_promotes_and_swaps_without_failed_requests(demo_run):
         by_phase.setdefault(row["phase"], set()).add(row["drafter_version"])
     # The replica served v1 before the swap and v2 after it, without a restart; gamma 0 drafts nothing.
     assert by_phase["before"] == {"1"} and by_phase["serve"] == {"1"} and by_phase["after"] == {"2"}
-    assert all(r["drafted"] == 0 for r in rows if r["phase"] == "autoregressive")
+    assert by_phase["before_off"] == {"1"} and by_phase["after_off"] == {"2"}
+    assert all(r["drafted"] == 0 for r in rows if r["phase"].endswith("_off"))
+    # the on and off arms take turns in ABBA rounds: on, off, off, on
+    order = [p for i, p in enumerate(r["phase"] for r in rows) if i == 0 or rows[i - 1]["phase"] != p]
+    start = order.index("before")
+    assert order[start:start + 3] == ["before", "before_off", "before"]
     assert "by phase:" in demo_run["stdout"]
 
 
@@ -95,17 +103,18 @@ def test_the_distillation_trained_on_features_logged_at_serve_time(demo_run):
 
 
 def test_every_measured_arm_is_warmed_up_alike(demo_run):
-    """Issue 18: "before" used to start cold after the deploy while "after" and "autoregressive" ran warm."""
+    """Issue 18: "before" used to start cold after the deploy while "after" and the speculation-off arm ran
+    warm. Now each arm of a pair is warmed just before the pair's rounds."""
     rows = [json.loads(line) for line in (demo_run["state"] / "requests.jsonl").read_text().splitlines()]
     phases = [r["phase"] for r in rows]
-    for arm in ("before", "after", "autoregressive"):
+    for arm in ("before", "after", "before_off", "after_off"):
         warm = [i for i, p in enumerate(phases) if p == f"warmup:{arm}"]
         measured = [i for i, p in enumerate(phases) if p == arm]
-        assert len(warm) == 4 and max(warm) < min(measured), arm  # the same warm-up, just before the arm
-    assert all(r["drafted"] == 0 for r in rows if r["phase"] == "warmup:autoregressive")
+        assert len(warm) == 4 and max(warm) < min(measured), arm  # the same warm-up, before the arm's rounds
+    assert all(r["drafted"] == 0 for r in rows if r["phase"] in ("warmup:before_off", "warmup:after_off"))
     assert {r["drafter_version"] for r in rows if r["phase"] == "warmup:after"} == {"2"}
     warmup = demo_run["summary"]["warmup"]
-    assert set(warmup) == {"before", "after", "autoregressive"}
+    assert set(warmup) == {"before", "after", "before_off", "after_off"}
     assert all("4 held-out requests" in text and "8 clients" in text for text in warmup.values())
 
 

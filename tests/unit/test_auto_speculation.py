@@ -202,3 +202,44 @@ def test_lookup_is_timed_on_its_slowest_case_no_match(monkeypatch):
     tokens = seen[0]
     assert len(tokens) == 64 and len(set(tokens)) > 32
     assert lookup_proposal(tokens, min_n=1, max_n=3, count=8) == []
+
+
+def test_the_policy_sees_each_rows_context_and_the_curve_learns_without_it(target, drafters, monkeypatch):
+    """What it detects: an engine that plans without the rows' context lengths (the policy would then price a
+    long-context verification like a short one), or a curve that absorbs the attention part the model already
+    prices apart (it would count it twice)."""
+    costs = flat_costs()
+    costs.target.smoothing = 1.0  # every observation replaces the nearest point
+    costs.target_seconds_per_context_token = 1e-3  # 1 ms per verified position per context token
+    engine = auto_engine(target, drafters["layer0"], batch=2, costs=costs)
+    seen = []
+    choose = engine.auto.policy.choose
+    monkeypatch.setattr(engine.auto.policy, "choose", lambda rows: seen.append(list(rows)) or choose(rows))
+    timings = []
+    observe = engine.auto.observe
+    monkeypatch.setattr(engine.auto, "observe", lambda plan, *a: timings.append((plan, a)) or observe(plan, *a))
+    engine.generate([Request("a", PROMPTS[1], SamplingParams(max_tokens=4)),
+                     Request("b", PROMPTS[2], SamplingParams(max_tokens=4))])
+    first = seen[0]
+    assert sorted(r.context for r in first) == sorted([len(PROMPTS[1]), len(PROMPTS[2])])
+    assert all(r.context > f.context for r, f in zip(seen[1], first) if len(seen[1]) == len(first))
+    plan, (sources, lengths, accepted, width, emitted, step) = timings[-1]
+    attention = 1e-3 * (width + 1) * engine.auto._context_tokens
+    # the point the last step observed holds its verification time without the attention part (floored at 10%)
+    point = costs.target.as_dict()[min(costs.target.tokens, key=lambda n: abs(n - len(lengths) * (width + 1)))]
+    assert point == pytest.approx(max(step.verify - attention, 0.1 * step.verify), rel=0.3)
+
+
+def test_the_cost_profile_keeps_the_curve_without_the_contexts_attention(target):
+    """What it detects: a curve that keeps the attention over the profiling context inside its points (the policy
+    adds each step's own context, so it would count it twice), or a negative price from timing noise. The tiny
+    target's attention is too cheap to time reliably, so the subtraction is checked on given figures."""
+    from draftsmith.cost_profile import attention_seconds_per_context_token, measure_cost_model, without_context
+
+    runner = runner_for(target.model)
+    assert attention_seconds_per_context_token(runner, rows=2, tokens=4) >= 0
+    assert measure_cost_model(runner, None, max_rows=2, max_tokens=3).target_seconds_per_context_token >= 0
+    timed = CostCurve({1: 0.010, 8: 0.020, 16: 0.030})
+    kept = without_context(timed, 1e-5, 64)  # 0.64 ms per token of the curve was attention over 64 positions
+    assert kept.as_dict() == pytest.approx({1: 0.01 - 0.00064, 8: 0.02 - 8 * 0.00064, 16: 0.03 - 16 * 0.00064})
+    assert without_context(CostCurve({4: 0.001}), 1e-3, 64).as_dict() == {4: 0.0005}  # never below half

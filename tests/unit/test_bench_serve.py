@@ -5,8 +5,8 @@ import argparse
 
 import pytest
 
-from pipelines.bench_serve import (_parser, combine, concurrency_levels, round_schedule, speculation_summary,
-                                   warmup_size)
+from draftsmith.paired_rounds import round_schedule
+from pipelines.bench_serve import _parser, combine, concurrency_levels, speculation_summary, warmup_size
 
 
 def _run(tok_s: float, errors: int = 0, concurrency: int = 1) -> dict:

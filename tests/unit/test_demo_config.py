@@ -48,13 +48,19 @@ def _phase(name, tokens, seconds, failed=0):
 def test_speedups_are_reported_only_for_a_clean_run():
     cfg = DemoConfig()
     phases = {"before": _phase("before", 100, 10), "after": _phase("after", 240, 10),
-              "autoregressive": _phase("autoregressive", 200, 10)}
+              "before_off": _phase("before_off", 200, 10), "after_off": _phase("after_off", 150, 10)}
     figures = phase_figures(cfg, phases, 8, failed=0)
-    assert figures["speedup_after_swap"] == 1.2 and figures["speedup_before_swap"] == 0.5
-    assert set(figures["warmup"]) == {"before", "after", "autoregressive"}
+    # each phase over the off arm timed beside it, not over one reference measured at another time
+    assert figures["speedup_after_swap"] == 1.6 and figures["speedup_before_swap"] == 0.5
+    assert figures["tok_s_autoregressive"] == 17.5  # both off arms pooled: 350 tokens in 20 s
+    assert figures["tok_s_autoregressive_before_swap"] == 20.0 and figures["tok_s_autoregressive_after_swap"] == 15.0
+    assert set(figures["warmup"]) == {"before", "after", "before_off", "after_off"}
     failed = phase_figures(cfg, phases, 8, failed=1)
     assert failed["speedup_after_swap"] is None and failed["speedup_before_swap"] is None
     assert failed["tok_s_after_swap"] == 24.0  # the figures stay, the ratio is withheld
+    alone = phase_figures(cfg.model_copy(update={"autoregressive_reference": False}),
+                          {"before": phases["before"], "after": phases["after"]}, 8, failed=0)
+    assert alone["speedup_after_swap"] is None and alone["tok_s_autoregressive"] is None
 
 
 class _Services:

@@ -160,8 +160,8 @@ def test_the_drafter_is_priced_for_as_many_forwards_as_the_longest_row():
     """The drafter drafts for every row as long as the longest, a lookup row's included."""
     costs = _flat_costs()
     policy = SpeculationPolicy(costs, _trained([0.9] * 8), drafter_key=KEY, lookup_enabled=True)
-    plan = policy._priced([(4, LOOKUP, 2.0), (1, DRAFTER, 1.5)], ar=1.0)
-    assert plan.predicted_tokens_per_s == pytest.approx(3.5 / costs.step_seconds(2, 5, 1, 4, 2))
+    plan = policy._priced([(4, LOOKUP, 2.0), (1, DRAFTER, 1.5)], ar=1.0, context=300)
+    assert plan.predicted_tokens_per_s == pytest.approx(3.5 / costs.step_seconds(2, 5, 1, 4, 2, 300))
 
 
 def test_the_autoregressive_baseline_pays_lookup_too():
@@ -174,3 +174,28 @@ def test_the_autoregressive_baseline_pays_lookup_too():
     assert policy.autoregressive_tokens_per_s(1) == pytest.approx(1 / 0.060)
     plan = policy.choose([RowState(cap=32, lookup_tokens=1)])
     assert plan.proposers == (LOOKUP,) and plan.predicted_speedup > 1.0
+
+
+def _attention_costs(per_context_token: float) -> CostModel:
+    """A CPU-like target: the matrix products cost little more for a few more tokens, but every verified position
+    reads its row's whole context (attention)."""
+    return CostModel(CostCurve({1: 0.060, 4: 0.070, 8: 0.085, 16: 0.110, 64: 0.300}), CostCurve({1: 0.002, 8: 0.003}),
+                     target_seconds_per_context_token=per_context_token)
+
+
+def test_a_long_context_prices_a_batchs_verification_higher():
+    """What it detects: a policy blind to context. At batch 4 with a lookup acceptance that pays at short contexts,
+    the same rows at 400 tokens of context each must switch speculation off (every extra verified position reads
+    1600 context tokens), while one row at that context still speculates (its verification reads only its own)."""
+    est = AcceptanceEstimates(decay=1.0)
+    tried, accepted = est._counts(LOOKUP)
+    tried[:4], accepted[:4] = [400.0] * 4, [120.0] * 4  # alpha 0.3 at every position
+    policy = SpeculationPolicy(_attention_costs(10e-6), est, lookup_enabled=True)
+    short = policy.choose([RowState(cap=8, lookup_tokens=3, context=20)] * 4)
+    long = policy.choose([RowState(cap=8, lookup_tokens=3, context=400)] * 4)
+    single = policy.choose([RowState(cap=8, lookup_tokens=3, context=400)])
+    assert short.speculating and not long.speculating and single.speculating
+    # the price is the model's: curve over tokens plus attention over (verified positions x context tokens)
+    costs = policy.costs
+    assert costs.step_seconds(4, 2, 0, 0, 0, 1600) == pytest.approx(costs.target(8) + 10e-6 * 2 * 1600)
+    assert long.autoregressive_tokens_per_s == pytest.approx(4 / (costs.target(4) + 10e-6 * 1600))

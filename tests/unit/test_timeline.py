@@ -70,3 +70,19 @@ def test_request_stats_count_lookup_positions_apart():
     stats.record_step(4, 1, "drafter")  # positions 1-2 compared, 1 accepted
     assert (stats.compared, stats.lookup_compared) == (5, 3)
     assert stats.token_acceptance == 4 / 5 and stats.drafter_token_acceptance == 1 / 2
+
+
+def test_a_phase_measured_in_rounds_counts_only_its_own_wall_time():
+    """What it detects: a phase timed in rounds that take turns with another arm (the demo's on/off pairs)
+    being charged the other arm's time between its rounds (its tok/s then halves), in the phase summary or in
+    its windows."""
+    rows = [_row("before", 0.0, 2.0), _row("before", 0.0, 4.0),        # round 1: on, 4 s
+            _row("before_off", 4.0, 6.0), _row("before_off", 4.0, 8.0),  # round 1: off, 4 s
+            _row("before_off", 8.0, 11.0),                              # round 2: off, 3 s
+            _row("before", 11.0, 13.0)]                                 # round 2: on, 2 s
+    on, off = phase_summary(rows, "before"), phase_summary(rows, "before_off")
+    assert on.seconds == pytest.approx(6.0) and on.tok_s == pytest.approx(30 / 6)
+    assert off.seconds == pytest.approx(7.0) and off.requests == 3
+    groups = windows(rows, 12)
+    assert [(g.phase, g.requests) for g in groups] == [("before", 2), ("before_off", 3), ("before", 1)]
+    assert [g.seconds for g in groups] == pytest.approx([4.0, 7.0, 2.0])
