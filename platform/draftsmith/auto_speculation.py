@@ -50,7 +50,6 @@ class AutoSpeculation:
         self.predicted_speedup = 1.0
         self.measured_speedup = 1.0
         self.steps = 0
-        self._context_tokens = 0  # the rows' contexts summed, of the step `plan` last chose for
 
     @staticmethod
     def _key(drafter: CausalLMRunner | None, version: str) -> str | None:
@@ -82,7 +81,6 @@ class AutoSpeculation:
         context lengths (the tokens each row's verification reads; None: unknown, 0)."""
         lookups = [0] * len(caps) if matches is None else [len(m) for m in matches]
         contexts = [0] * len(caps) if contexts is None else list(contexts)
-        self._context_tokens = sum(contexts)
         return self.policy.choose([RowState(c, n, f, x) for c, n, f, x in zip(caps, lookups, fixed, contexts)])
 
     def switched_off(self, plan: StepPlan, caps: Sequence[int], matches: Sequence[list[int]] | None,
@@ -107,13 +105,13 @@ class AutoSpeculation:
             policy.estimates.update(key, rows_verdicts)
         policy.estimates.tick()
         # The curve is the context-free part: attention over the rows' contexts (priced apart) is taken out first.
-        attention = costs.attention_seconds(width + 1, self._context_tokens)
+        attention = costs.attention_seconds(width + 1, plan.context_tokens)
         costs.target.observe(rows * (width + 1), max(timings.verify - attention, 0.1 * timings.verify))
         if costs.drafter is not None and width and policy.drafter_key in verdicts:
             costs.drafter.observe(rows, timings.draft / width)
         if policy.lookup_enabled and rows:
             costs.lookup_seconds_per_row += SMOOTHING * (timings.lookup / rows - costs.lookup_seconds_per_row)
-        autoregressive = policy.autoregressive_tokens_per_s(rows, self._context_tokens)
+        autoregressive = policy.autoregressive_tokens_per_s(rows, plan.context_tokens)
         measured = emitted / timings.total / autoregressive if timings.total > 0 else 1.0
         first = self.steps == 0
         self.predicted_speedup = plan.predicted_speedup if first else self.predicted_speedup + SMOOTHING * (

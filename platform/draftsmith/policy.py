@@ -207,6 +207,7 @@ class StepPlan:
     predicted_tokens_per_s: float
     autoregressive_tokens_per_s: float
     probe: bool = False
+    context_tokens: int = 0  # the rows' context lengths summed, as priced
 
     @property
     def predicted_speedup(self) -> float:
@@ -235,7 +236,7 @@ class SpeculationPolicy:
     def choose(self, rows: Sequence[RowState]) -> StepPlan:
         n = len(rows)
         ar = self.autoregressive_tokens_per_s(n, sum(r.context for r in rows))
-        best = StepPlan((0,) * n, (NONE,) * n, ar, ar)
+        best = StepPlan((0,) * n, (NONE,) * n, ar, ar, context_tokens=sum(r.context for r in rows))
         drafter_alphas = self.estimates.alphas(self.drafter_key) if self.drafter_key else None
         lookup_alphas = self.estimates.alphas(LOOKUP) if self.lookup_enabled else None
         top = min(self.max_gamma, max((r.cap for r in rows), default=0))
@@ -288,7 +289,7 @@ class SpeculationPolicy:
         lookup_rows = len(chosen) if self.lookup_enabled else 0
         seconds = self.costs.step_seconds(len(chosen), verify, drafter_rows, draft_steps, lookup_rows, context)
         tokens = sum(e for _, _, e in chosen)
-        return StepPlan(gammas, proposers, tokens / seconds, ar, probe)
+        return StepPlan(gammas, proposers, tokens / seconds, ar, probe, context)
 
     def _probe(self, rows, best: StepPlan, drafter_alphas, lookup_alphas, ar) -> StepPlan | None:
         """A one-token trial of a proposer the plan has not used for probe_interval steps, else None. Rows

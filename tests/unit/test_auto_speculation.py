@@ -224,7 +224,8 @@ def test_the_policy_sees_each_rows_context_and_the_curve_learns_without_it(targe
     assert sorted(r.context for r in first) == sorted([len(PROMPTS[1]), len(PROMPTS[2])])
     assert all(r.context > f.context for r, f in zip(seen[1], first) if len(seen[1]) == len(first))
     plan, (sources, lengths, accepted, width, emitted, step) = timings[-1]
-    attention = 1e-3 * (width + 1) * engine.auto._context_tokens
+    assert plan.context_tokens == sum(r.context for r in seen[-1])
+    attention = 1e-3 * (width + 1) * plan.context_tokens
     # the point the last step observed holds its verification time without the attention part (floored at 10%)
     point = costs.target.as_dict()[min(costs.target.tokens, key=lambda n: abs(n - len(lengths) * (width + 1)))]
     assert point == pytest.approx(max(step.verify - attention, 0.1 * step.verify), rel=0.3)
